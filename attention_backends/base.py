@@ -1,0 +1,94 @@
+"""The interface every attention backend implements, and the plain data it receives."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+# Per-row phases of one denoising step. A dense backend only ever sees "dense".
+DENSE, SELECT, SPARSE = "dense", "select", "sparse"
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What a backend knows of the model: the attention shape held by this worker."""
+    num_layers: int
+    num_heads: int      # query heads on this worker
+    num_kv_heads: int   # key/value heads on this worker
+    head_dim: int
+    scale: float        # the model's own softmax scale, 1/sqrt(head_dim)
+    total_heads: int = 0  # query heads of the whole model (selection_scale="num_heads" uses it)
+
+    def __post_init__(self):
+        if self.total_heads == 0:
+            object.__setattr__(self, "total_heads", self.num_heads)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One canvas row of a packed batch, as the scheduler describes it for this step."""
+    length: int                  # tokens in the row
+    prompt_len: int              # tokens before the generation region
+    phase: str = DENSE           # DENSE, SELECT (dense + choose the pattern) or SPARSE
+    pattern_blocks: tuple[int, ...] = ()   # pool block ids holding this row's pattern
+    config: Any = None           # the backend's resolved per-request config
+
+
+@dataclass
+class PoolSpec:
+    """Size of the worker-side pattern pool; the scheduler's block manager hands out its ids."""
+    num_blocks: int = 0
+    block_bytes: int = 1 << 16
+
+
+class AttentionBackend(ABC):
+    """A backend: a name, a per-step metadata builder and a per-layer forward.
+
+    Class-level hooks let the scheduler side plan without touching tensors:
+    `resolve_config` validates settings, `phase` says what a row does at a step,
+    `pattern_blocks_needed` sizes a row's pattern in pool blocks.
+    """
+    name: ClassVar[str] = ""
+    keeps_patterns: ClassVar[bool] = False  # True: the engine sizes a pattern pool for it
+
+    def __init__(self, layout: AttentionLayout, device: torch.device, dtype: torch.dtype):
+        self.layout = layout
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    # ---- scheduler-side planning (no tensors) ----
+    @classmethod
+    def resolve_config(cls, engine_config: dict | None, request_overrides: dict | None = None) -> Any:
+        """Merge and validate settings; raise ValueError naming a bad key or value."""
+        merged = dict(engine_config or {})
+        merged.update(request_overrides or {})
+        if merged:
+            raise ValueError(f"attention backend {cls.name!r} takes no attention_config, got {sorted(merged)}")
+        return None
+
+    @classmethod
+    def phase(cls, step: int, total_steps: int, config: Any) -> str:
+        return DENSE
+
+    @classmethod
+    def pattern_blocks_needed(cls, layout: AttentionLayout, seq_len: int, config: Any,
+                              block_bytes: int, total_steps: int) -> int:
+        return 0
+
+    # ---- worker-side ----
+    @abstractmethod
+    def build_metadata(self, rows: list[RowSpec]) -> Any:
+        """Called once per step per batch; the result is passed to every layer's forward."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: Any,
+                layer: int) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] packed rows; returns [T, Hq, D]."""
+
+    def init_pool(self, spec: PoolSpec) -> None:
+        """Allocate the pattern pool; backends that keep no pattern ignore it."""
+
+    def pool_usage(self) -> dict:
+        return {}

@@ -1,0 +1,81 @@
+"""Which sequences run in a denoising step, and what their attention does in it.
+
+Every running sequence takes part in every step (a DLM step is a whole-canvas pass). Waiting
+requests are admitted in arrival order while the token budget, the sequence cap and the
+pattern pool allow.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from attention_backends.base import DENSE, SELECT
+from sparsed_engine.engine.block_manager import BlockManager
+from sparsed_engine.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, backend_cls, max_num_seqs: int,
+                 max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.backend_cls = backend_cls
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        tokens = sum(s.num_tokens for s in self.running)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.running and tokens + seq.num_tokens > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_reserve(seq.pattern_blocks_needed):
+                break  # waits until a running request frees its pattern
+            self.waiting.popleft()
+            self.block_manager.reserve(seq.request_id, seq.pattern_blocks_needed)
+            seq.status = SequenceStatus.RUNNING
+            seq.metrics.first_scheduled_time = time.time()
+            self.running.append(seq)
+            tokens += seq.num_tokens
+
+    def phase_of(self, seq: Sequence) -> str:
+        if not seq.pattern_blocks_needed:
+            return DENSE
+        return self.backend_cls.phase(seq.step, seq.total_steps, seq.attention_config)
+
+    def schedule(self) -> list[tuple[Sequence, str]]:
+        """The sequences of this step with their attention phase; patterns get their ids here."""
+        self._admit()
+        batch = []
+        for seq in self.running:
+            phase = self.phase_of(seq)
+            if phase == SELECT:
+                seq.pattern_blocks = self.block_manager.allocate(seq.request_id)
+            batch.append((seq, phase))
+        return batch
+
+    def update(self) -> list[Sequence]:
+        """Retire finished sequences and free their patterns."""
+        finished = [s for s in self.running if s.is_finished]
+        for seq in finished:
+            self.block_manager.free(seq.request_id)
+        self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.waiting, self.running):
+            for seq in list(queue):
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self.block_manager.free(request_id)
+                    seq.status = SequenceStatus.FINISHED
+                    seq.finish_reason = "abort"
+                    return seq
+        return None
