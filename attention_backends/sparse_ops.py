@@ -1,0 +1,34 @@
+"""Which implementation runs SparseD's two operations: Triton on CUDA, plain torch elsewhere.
+
+Imports are lazy so that a machine without Triton still runs the torch path.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    return t.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def block_sparse(q, k, v, cu_seqlens, q_block_offsets, kv_num, kv_idx, block_size, scale, kernel="auto"):
+    if kernel == "auto":
+        kernel = "triton" if _triton_ok(q) else "torch"
+    if kernel == "triton":
+        from attention_backends.ops.block_sparse_attn import block_sparse_attention as fn
+    elif kernel == "flex":
+        from attention_backends.ops.flex_block_sparse import flex_block_sparse_attention as fn
+    else:
+        from attention_backends.ops.block_sparse_attn_ref import block_sparse_attention_ref as fn
+    return fn(q, k, v, cu_seqlens, q_block_offsets, kv_num, kv_idx, block_size, scale)
+
+
+def importance(q, k, scale, block_size, gen_block, kernel="auto", lse=None):
+    """(imp_all, imp_gen) of one row; FlexAttention has no importance op, so `flex` uses Triton."""
+    if kernel in ("auto", "flex", "triton") and _triton_ok(q):
+        from attention_backends.ops.block_importance import block_importance as fn
+    else:
+        from attention_backends.ops.block_importance_ref import block_importance_ref as fn
+    return fn(q, k, scale, block_size, gen_block, lse=lse)

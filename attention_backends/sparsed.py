@@ -1,0 +1,172 @@
+"""SparseD: dense attention for the first steps, then per-head block-sparse attention over tiles
+chosen once per request (at the last dense step) and read from the pattern pool ever after."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+from attention_backends.base import DENSE, SELECT, SPARSE, AttentionBackend, AttentionLayout, PoolSpec, RowSpec
+from attention_backends.sdpa import dense_attention
+from attention_backends.sparsed_pattern import (generation_block, kv_lists, pack_bits, select_tiles,
+                                                unpack_bits)
+from attention_backends import sparse_ops
+
+KERNELS = ("auto", "triton", "flex", "torch")
+
+
+@dataclass(frozen=True)
+class SparseDConfig:
+    skip: float = 0.2              # fraction of steps that stay dense
+    select: float = 0.3            # fraction of key blocks kept per query block and region
+    block_size: int = 128          # tile edge (128 for long prompts, 32 for short ones)
+    selection_scale: str = "head_dim"  # "head_dim": 1/sqrt(head_dim); "num_heads": 1/sqrt(num_heads)
+    kernel: str = "auto"           # sparse-step kernel: auto (triton on CUDA, torch on CPU), triton, flex, torch
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"attention_config[{name!r}]={getattr(self, name)!r}: {why}")
+        if not 0 <= self.skip <= 1:
+            bad("skip", "must be in [0, 1]")
+        if not 0 < self.select <= 1:
+            bad("select", "must be in (0, 1]")
+        if (not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size > 256
+                or self.block_size & (self.block_size - 1)):
+            bad("block_size", "must be a power of two in [16, 256]")
+        if self.selection_scale not in ("head_dim", "num_heads"):
+            bad("selection_scale", "choose 'head_dim' or 'num_heads'")
+        if self.kernel not in KERNELS:
+            bad("kernel", f"choose from {KERNELS}")
+
+    def select_step(self, total_steps: int) -> int:
+        """Steps before this one are dense; at it, still dense, the pattern is chosen."""
+        return int(total_steps * self.skip) + 1
+
+
+@dataclass
+class _Row:
+    start: int
+    length: int
+    phase: str
+    config: SparseDConfig | None
+    nb: int = 0
+    gen_block: int = 0
+    blocks: torch.Tensor | None = None  # [num_layers, blocks_per_layer] pool ids on the device
+
+
+@dataclass
+class SparseDMetadata:
+    rows: list[_Row]
+    sparse_groups: dict  # (block_size, kernel) -> indices of SPARSE rows
+
+
+class SparseDBackend(AttentionBackend):
+    name = "sparsed"
+    keeps_patterns = True
+
+    # ---------------------------------------------------------------- planning
+    @classmethod
+    def resolve_config(cls, engine_config: dict | None, request_overrides: dict | None = None) -> SparseDConfig:
+        merged = {**(engine_config or {}), **(request_overrides or {})}
+        known = {f.name for f in fields(SparseDConfig)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown SparseD attention_config keys {unknown}; known: {sorted(known)}")
+        return SparseDConfig(**merged)
+
+    @classmethod
+    def phase(cls, step: int, total_steps: int, config: SparseDConfig) -> str:
+        at = config.select_step(total_steps)
+        return DENSE if step < at else SELECT if step == at else SPARSE
+
+    @staticmethod
+    def _layer_bytes(layout: AttentionLayout, seq_len: int, block_size: int) -> int:
+        nb = -(-seq_len // block_size)
+        return layout.num_heads * nb * (-(-nb // 8))
+
+    @classmethod
+    def pattern_blocks_needed(cls, layout, seq_len, config: SparseDConfig, block_bytes, total_steps) -> int:
+        if config.select >= 1 or config.select_step(total_steps) >= total_steps:
+            return 0  # every tile kept, or no sparse step ever: plain dense, no pattern
+        per_layer = -(-cls._layer_bytes(layout, seq_len, config.block_size) // block_bytes)
+        return layout.num_layers * per_layer
+
+    # ---------------------------------------------------------------- pool
+    def init_pool(self, spec: PoolSpec) -> None:
+        self.block_bytes = spec.block_bytes
+        self.pool = torch.zeros(spec.num_blocks, spec.block_bytes, dtype=torch.uint8, device=self.device)
+
+    def pool_usage(self) -> dict:
+        return {"allocated_bytes": self.pool.numel()}
+
+    def _store(self, row: _Row, layer: int, keep: torch.Tensor) -> None:
+        bits = pack_bits(keep).flatten()
+        ids = row.blocks[layer]
+        buf = torch.zeros(ids.numel() * self.block_bytes, dtype=torch.uint8, device=self.device)
+        buf[:bits.numel()] = bits
+        self.pool[ids] = buf.view(ids.numel(), self.block_bytes)
+
+    def load_tiles(self, row: _Row, layer: int) -> torch.Tensor:
+        """The stored pattern of one row and layer: bool [H, nb, nb]."""
+        h, nb = self.layout.num_heads, row.nb
+        nbytes = h * nb * (-(-nb // 8))
+        bits = self.pool[row.blocks[layer]].flatten()[:nbytes]
+        return unpack_bits(bits.view(h, nb, -1), nb)
+
+    # ---------------------------------------------------------------- per step
+    def build_metadata(self, rows: list[RowSpec]) -> SparseDMetadata:
+        out, groups, start = [], {}, 0
+        for i, spec in enumerate(rows):
+            row = _Row(start, spec.length, spec.phase, spec.config)
+            if spec.phase != DENSE:
+                bs = spec.config.block_size
+                row.nb = -(-spec.length // bs)
+                row.gen_block = generation_block(spec.prompt_len, spec.length, bs)
+                row.blocks = torch.tensor(spec.pattern_blocks, dtype=torch.long).view(
+                    self.layout.num_layers, -1).to(self.device)
+                if spec.phase == SPARSE:
+                    groups.setdefault((bs, spec.config.kernel), []).append(i)
+            out.append(row)
+            start += spec.length
+        return SparseDMetadata(out, groups)
+
+    def forward(self, q, k, v, metadata: SparseDMetadata, layer: int) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for row in metadata.rows:
+            if row.phase == SPARSE:
+                continue
+            s, e = row.start, row.start + row.length
+            out[s:e] = dense_attention(q[s:e], k[s:e], v[s:e], self.layout.scale)
+            if row.phase == SELECT:
+                self._store(row, layer, self._choose(q[s:e], k[s:e], row))
+        for (bs, kernel), members in metadata.sparse_groups.items():
+            self._sparse(q, k, v, [metadata.rows[i] for i in members], layer, bs, kernel, out)
+        return out
+
+    def _choose(self, q, k, row: _Row) -> torch.Tensor:
+        cfg = row.config
+        scale = (self.layout.scale if cfg.selection_scale == "head_dim"
+                 else 1.0 / math.sqrt(self.layout.total_heads))
+        imp_all, imp_gen = sparse_ops.importance(q, k, scale, cfg.block_size, row.gen_block, cfg.kernel)
+        return select_tiles(imp_all, imp_gen, row.gen_block, cfg.select)
+
+    def _sparse(self, q, k, v, rows: list[_Row], layer: int, bs: int, kernel: str, out: torch.Tensor) -> None:
+        """All SPARSE rows of one block size and kernel in one call over exactly their kept tiles."""
+        tiles = [self.load_tiles(r, layer) for r in rows]
+        width = max(int(t.sum(-1).max()) for t in tiles)
+        lists = [kv_lists(t, width) for t in tiles]
+        kv_num = torch.cat([n for n, _ in lists], dim=1)
+        kv_idx = torch.cat([i for _, i in lists], dim=1)
+        lengths = [r.length for r in rows]
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        qbo = torch.tensor([0] + [r.nb for r in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        token_idx = torch.cat([torch.arange(r.start, r.start + r.length) for r in rows]).to(self.device)
+        contiguous = all(rows[i].start + rows[i].length == rows[i + 1].start for i in range(len(rows) - 1))
+        if contiguous:  # the usual case: no gather, just a slice
+            s, e = rows[0].start, rows[-1].start + rows[-1].length
+            qs, ks, vs = q[s:e], k[s:e], v[s:e]
+        else:
+            qs, ks, vs = q[token_idx], k[token_idx], v[token_idx]
+        o = sparse_ops.block_sparse(qs, ks, vs, cu, qbo, kv_num, kv_idx, bs, self.layout.scale, kernel)
+        out[token_idx] = o
