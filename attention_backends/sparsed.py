@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from attention_backends.base import DENSE, SELECT, SPARSE, AttentionBackend, AttentionLayout, PoolSpec, RowSpec
-from attention_backends.sdpa import dense_attention
+from attention_backends.sdpa import dense_attention, dense_attention_lse
 from attention_backends.sparsed_pattern import (generation_block, kv_lists, pack_bits, select_tiles,
                                                 unpack_bits)
 from attention_backends import sparse_ops
@@ -31,9 +31,9 @@ class SparseDConfig:
             bad("skip", "must be in [0, 1]")
         if not 0 < self.select <= 1:
             bad("select", "must be in (0, 1]")
-        if (not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size > 256
+        if (not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size > 128
                 or self.block_size & (self.block_size - 1)):
-            bad("block_size", "must be a power of two in [16, 256]")
+            bad("block_size", "must be a power of two in [16, 128]")
         if self.selection_scale not in ("head_dim", "num_heads"):
             bad("selection_scale", "choose 'head_dim' or 'num_heads'")
         if self.kernel not in KERNELS:
@@ -137,18 +137,26 @@ class SparseDBackend(AttentionBackend):
             if row.phase == SPARSE:
                 continue
             s, e = row.start, row.start + row.length
-            out[s:e] = dense_attention(q[s:e], k[s:e], v[s:e], self.layout.scale)
-            if row.phase == SELECT:
-                self._store(row, layer, self._choose(q[s:e], k[s:e], row))
+            if row.phase == DENSE:
+                out[s:e] = dense_attention(q[s:e], k[s:e], v[s:e], self.layout.scale)
+                continue
+            # The selection step's dense pass also yields the row log-sum-exp that importance
+            # needs, when it selects at the model's own scale.
+            reuse = row.config.selection_scale == "head_dim"
+            if reuse:
+                out[s:e], lse = dense_attention_lse(q[s:e], k[s:e], v[s:e], self.layout.scale)
+            else:
+                out[s:e], lse = dense_attention(q[s:e], k[s:e], v[s:e], self.layout.scale), None
+            self._store(row, layer, self._choose(q[s:e], k[s:e], row, lse))
         for (bs, kernel), members in metadata.sparse_groups.items():
             self._sparse(q, k, v, [metadata.rows[i] for i in members], layer, bs, kernel, out)
         return out
 
-    def _choose(self, q, k, row: _Row) -> torch.Tensor:
+    def _choose(self, q, k, row: _Row, lse: torch.Tensor | None = None) -> torch.Tensor:
         cfg = row.config
         scale = (self.layout.scale if cfg.selection_scale == "head_dim"
                  else 1.0 / math.sqrt(self.layout.total_heads))
-        imp_all, imp_gen = sparse_ops.importance(q, k, scale, cfg.block_size, row.gen_block, cfg.kernel)
+        imp_all, imp_gen = sparse_ops.importance(q, k, scale, cfg.block_size, row.gen_block, cfg.kernel, lse)
         return select_tiles(imp_all, imp_gen, row.gen_block, cfg.select)
 
     def _sparse(self, q, k, v, rows: list[_Row], layer: int, bs: int, kernel: str, out: torch.Tensor) -> None:

@@ -1,0 +1,144 @@
+"""End-to-end step times of an LLaDA-8B-shaped model (random bf16 weights) at long context.
+
+Measures, on one GPU, through the engine itself (LLMEngine.step, synchronised):
+a dense step with cuDNN attention and with FA2 attention, SparseD's selection step and a sparse
+step, and peak memory, at each canvas length; a measured 128-step generation (dense vs SparseD)
+at the --full-run lengths; and the 1,024-step totals at each length *computed* from the measured
+step times. Prints a table, writes a PNG plot and appends the results to benchmarks/RESULTS.md.
+
+    python benchmarks/e2e.py --lengths 16384 32768 65536 --full-run 16384 --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from attention_backends.sdpa import SDPA_ENV
+from benchmarks.llada8b import prompt_ids, write_model_dir
+from sparsed_engine import LLM, SamplingParams
+
+SPARSE = {"skip": 0.2, "select": 0.3, "block_size": 128}
+GEN = 128
+
+
+def timed_steps(llm: LLM, ids: list[int], params: SamplingParams, sdpa: str = "") -> list[tuple[str, float]]:
+    """(phase, seconds) of every step of one request, run alone."""
+    os.environ[SDPA_ENV] = sdpa
+    eng = llm.llm_engine
+    seq = eng.make_sequence(ids, params)
+    eng.add_sequence(seq)
+    out = []
+    while eng.has_unfinished_requests():
+        phase = eng.scheduler.phase_of(seq)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        eng.step()
+        torch.cuda.synchronize()
+        out.append((phase, time.perf_counter() - t))
+    os.environ[SDPA_ENV] = ""
+    return out
+
+
+def median_of(steps, phase, skip_first=True):
+    xs = [t for p, t in steps if p == phase]
+    return statistics.median(xs[1:] if skip_first and len(xs) > 1 else xs)
+
+
+def measure_length(llm: LLM, n: int) -> dict:
+    ids = prompt_ids(llm.get_tokenizer(), n - GEN)
+    dense = dict(max_tokens=GEN, steps=4, attention_config={"skip": 1.0})
+    torch.cuda.reset_peak_memory_stats()
+    r = {"N": n,
+         "dense_cudnn": median_of(timed_steps(llm, ids, SamplingParams(**dense), "cudnn"), "dense"),
+         "dense_fa2": median_of(timed_steps(llm, ids, SamplingParams(**dense), "flash"), "dense")}
+    # skip 0 selects at step 1: one dense step, the selection step, then sparse steps
+    steps = timed_steps(llm, ids, SamplingParams(max_tokens=GEN, steps=8,
+                                                 attention_config={**SPARSE, "skip": 0.0}))
+    r["select"] = median_of(steps, "select", skip_first=False)
+    r["sparse"] = median_of(steps, "sparse")
+    r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    k = int(1024 * SPARSE["skip"]) + 1
+    r["dense_1024"] = 1024 * r["dense_cudnn"]
+    r["fa2_1024"] = 1024 * r["dense_fa2"]
+    r["sparse_1024"] = k * r["dense_cudnn"] + r["select"] + (1024 - k - 1) * r["sparse"]
+    return r
+
+
+def full_run(llm: LLM, n: int) -> dict:
+    ids = prompt_ids(llm.get_tokenizer(), n - GEN)
+    res = {"N": n}
+    for name, cfg in (("dense", {"skip": 1.0}), ("sparsed", SPARSE)):
+        p = SamplingParams(max_tokens=GEN, steps=128, block_length=32, attention_config=cfg)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate([ids], p, use_tqdm=False)
+        torch.cuda.synchronize()
+        res[name] = time.perf_counter() - t
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--full-run", type=int, nargs="*", default=[16384])
+    ap.add_argument("--out", default="benchmarks/out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
+    with tempfile.TemporaryDirectory() as tmp:
+        llm = LLM(model=str(write_model_dir(Path(tmp))), load_format="dummy", dtype="bfloat16",
+                  attention_backend="sparsed", attention_config=SPARSE,
+                  max_model_len=max(args.lengths + args.full_run) + GEN)
+        timed_steps(llm, prompt_ids(llm.get_tokenizer(), 4096), SamplingParams(  # compile kernels
+            max_tokens=GEN, steps=4, attention_config={**SPARSE, "skip": 0.0}))
+        rows = [measure_length(llm, n) for n in args.lengths]
+        fulls = [full_run(llm, n) for n in args.full_run]
+    lines = [f"### e2e, LLaDA-8B shape, random bf16 weights, {gpu}, "
+             f"{datetime.date.today()}, torch {torch.__version__}",
+             "", "| N | dense step cuDNN (s) | dense step FA2 (s) | selection step (s) | sparse step (s) "
+             "| peak GiB | 1,024 steps dense cuDNN (computed, s) | 1,024 steps FA2 | 1,024 steps SparseD "
+             "| speedup vs cuDNN | vs FA2 |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['N']} | {r['dense_cudnn']:.3f} | {r['dense_fa2']:.3f} | {r['select']:.3f} | "
+                     f"{r['sparse']:.3f} | {r['peak_gib']:.1f} | {r['dense_1024']:.0f} | {r['fa2_1024']:.0f} | "
+                     f"{r['sparse_1024']:.0f} | {r['dense_1024'] / r['sparse_1024']:.2f}x | "
+                     f"{r['fa2_1024'] / r['sparse_1024']:.2f}x |")
+    if fulls:
+        lines += ["", "Measured 128-step generations (128 tokens, block 32, skip 0.2, select 0.3):", "",
+                  "| N | dense cuDNN engine (s) | SparseD engine (s) | speedup |", "|---|---|---|---|"]
+        lines += [f"| {f['N']} | {f['dense']:.1f} | {f['sparsed']:.1f} | {f['dense'] / f['sparsed']:.2f}x |"
+                  for f in fulls]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    (out / "e2e.md").write_text(table)
+    with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+        f.write("\n" + table)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ns = [r["N"] // 1024 for r in rows]
+    for key, label in (("dense_cudnn", "dense step, cuDNN"), ("dense_fa2", "dense step, FA2"),
+                       ("sparse", "SparseD sparse step"), ("select", "SparseD selection step")):
+        ax.plot(ns, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xlabel("canvas length (k tokens)")
+    ax.set_ylabel("seconds per step")
+    ax.set_title(f"LLaDA-8B shape, {gpu}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "e2e.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
