@@ -1,4 +1,8 @@
-"""A worker: one device, the model on it, its attention backend and that backend's pattern pool."""
+"""A worker: one device, the model on it, its attention backend and that backend's pattern pool.
+
+With sequence parallelism a worker is one rank: its backend holds the rank's heads (wrapped so
+the model sees token shards) and it meets its peers through `DistributedInit`.
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +14,7 @@ from attention_backends.base import PoolSpec
 from attention_backends.registry import get_backend_class
 from model_executor.model_loader import load_model, read_model_info
 from model_executor.model_runner import ModelRunner
+from model_executor.parallel import DistributedInit, SequenceParallelGroup, UlyssesBackend, rank_layout
 from model_executor.step_input import StepInput
 
 
@@ -20,17 +25,26 @@ class WorkerConfig:
     device: str
     attention_backend: str
     load_format: str = "auto"
+    sequence_parallel_size: int = 1
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig):
+    def __init__(self, config: WorkerConfig, dist_init: DistributedInit | None = None):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is None:  # NCCL wants an explicit index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         info = read_model_info(config.model)
-        layout = info.model_class.attention_layout(info.config)
-        self.backend = get_backend_class(config.attention_backend)(layout, self.device, config.dtype)
-        self.model = load_model(info, self.backend, config.dtype, self.device, config.load_format)
-        self.runner = ModelRunner(self.model, self.backend, self.device)
+        sp = config.sequence_parallel_size
+        backend = get_backend_class(config.attention_backend)(
+            rank_layout(info.attention_layout, sp), self.device, config.dtype)
+        self.group = None
+        if sp > 1:
+            self.group = SequenceParallelGroup(sp, dist_init, self.device)
+            backend = UlyssesBackend(backend, self.group)
+        self.backend = backend
+        self.model = load_model(info, backend, config.dtype, self.device, config.load_format)
+        self.runner = ModelRunner(self.model, self.backend, self.device, self.group)
 
     def available_pool_bytes(self, fraction: float) -> int:
         if self.device.type == "cuda":
@@ -45,5 +59,12 @@ class Worker:
     def pool_usage(self) -> dict:
         return self.backend.pool_usage()
 
-    def execute(self, step: StepInput) -> list[torch.Tensor]:
+    def execute(self, step: StepInput) -> list[torch.Tensor] | None:
+        """Logits per row; None on sequence-parallel ranks other than 0."""
         return self.runner.run(step)
+
+    def close(self) -> None:
+        """Leave the sequence-parallel group (so this process may join another)."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None

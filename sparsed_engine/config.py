@@ -1,6 +1,7 @@
 """Engine-wide settings, checked before anything is loaded."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -8,6 +9,8 @@ import torch
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+EXECUTOR_BACKENDS = ("uni", "ray")
 
 
 @dataclass
@@ -27,8 +30,9 @@ class EngineConfig:
     load_format: str = "auto"
     trust_remote_code: bool = False
     seed: int = 0
-    sequence_parallel_size: int = 1
-    distributed_executor_backend: str | None = None
+    skip_tokenizer_init: bool = False          # True: prompts must be token ids, outputs carry no text
+    sequence_parallel_size: int = 1            # GPUs (or CPU ranks) one sequence is spread over
+    distributed_executor_backend: str | None = None  # "uni" | "ray"; None: uni for 1 rank, ray for more
 
     def __post_init__(self):
         def bad(name, why):
@@ -56,10 +60,17 @@ class EngineConfig:
             bad("load_format", "choose auto, safetensors or dummy")
         if self.attention_config is not None and not isinstance(self.attention_config, dict):
             bad("attention_config", "must be a dict")
-        if self.sequence_parallel_size != 1:
-            bad("sequence_parallel_size", "only 1 is supported by this build")
-        if self.distributed_executor_backend not in (None, "uni"):
-            bad("distributed_executor_backend", "only None or 'uni' is supported by this build")
+        sp = self.sequence_parallel_size
+        if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
+            bad("sequence_parallel_size", "must be a positive integer")
+        if self.distributed_executor_backend is None:
+            self.distributed_executor_backend = "uni" if sp == 1 else "ray"
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            bad("distributed_executor_backend", f"choose from {', '.join(EXECUTOR_BACKENDS)}")
+        if self.distributed_executor_backend == "uni" and sp > 1:
+            bad("distributed_executor_backend", f"'uni' runs one worker; sequence_parallel_size={sp} needs 'ray'")
+        if self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+            bad("distributed_executor_backend", "Ray is not installed: pip install 'sparsed-engine[ray]'")
 
     def resolved_device(self) -> str:
         if self.device == "auto":

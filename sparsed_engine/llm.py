@@ -1,6 +1,8 @@
 """The user-facing entry point: `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
 from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
@@ -10,16 +12,25 @@ from sparsed_engine.engine.llm_engine import LLMEngine, Prompt
 from sparsed_engine.outputs import RequestOutput
 from sparsed_engine.sampling_params import SamplingParams
 
+# A small LLaDA-architecture DLM trained for this project (examples/train_tiny_dlm.py), shipped so
+# that the engine runs out of the box and SparseD's fidelity can be measured on real attention.
+DEFAULT_MODEL = Path(__file__).with_name("default_model")
+
 
 class LLM:
-    """A diffusion LM (LLaDA or Dream) loaded from a local Hugging Face folder.
+    """A diffusion LM (LLaDA or Dream) loaded from a local Hugging Face folder (default: the
+    bundled tiny LLaDA, DEFAULT_MODEL).
 
     Keyword arguments are those of EngineConfig: dtype, device, max_model_len, attention_backend,
-    attention_config, mask_pool_bytes, load_format, trust_remote_code, ...
+    attention_config, mask_pool_bytes, load_format, trust_remote_code, sequence_parallel_size,
+    distributed_executor_backend, ... Workers and devices are released by `shutdown()`, at the end
+    of a `with LLM(...) as llm:` block, when the object is collected, or at interpreter exit.
     """
 
-    def __init__(self, model: str, **kwargs):
-        self.llm_engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+    def __init__(self, model: str | None = None, **kwargs):
+        self.llm_engine = LLMEngine(EngineConfig(model=str(model or DEFAULT_MODEL), **kwargs))
+        # holds the engine, not self, so an unused LLM can still be collected (and shut down then)
+        self._finalizer = weakref.finalize(self, self.llm_engine.shutdown)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -31,6 +42,8 @@ class LLM:
 
         Every request is checked before any is queued, so a bad one loses nothing.
         """
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM was shut down; create a new one")
         prompts = _as_prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
@@ -82,7 +95,8 @@ class LLM:
         return self.llm_engine.get_stats()
 
     def shutdown(self) -> None:
-        self.llm_engine.shutdown()
+        """Release the workers and their devices (and a Ray instance the engine started); idempotent."""
+        self._finalizer()
 
     def __enter__(self):
         return self

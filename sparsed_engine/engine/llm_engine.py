@@ -9,6 +9,7 @@ import torch
 from attention_backends.base import PoolSpec, RowSpec
 from attention_backends.registry import get_backend_class, selected_backend_name
 from model_executor.model_loader import load_tokenizer, read_model_info
+from model_executor.parallel import rank_layout
 from model_executor.step_input import RowInput, StepInput
 from model_executor.worker import WorkerConfig
 from sparsed_engine.config import EngineConfig
@@ -16,7 +17,7 @@ from sparsed_engine.engine import unmasking
 from sparsed_engine.engine.block_manager import BlockManager
 from sparsed_engine.engine.scheduler import Scheduler
 from sparsed_engine.engine.sequence import Sequence
-from sparsed_engine.executor.uniproc import UniProcExecutor
+from sparsed_engine.executor import make_executor
 from sparsed_engine.outputs import CompletionOutput, RequestOutput
 from sparsed_engine.sampling_params import DREAM_POLICIES, LLADA_POLICIES, SamplingParams
 
@@ -31,17 +32,19 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.info = read_model_info(config.model)
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        self.tokenizer = (None if config.skip_tokenizer_init
+                          else load_tokenizer(config.tokenizer or config.model, config.trust_remote_code))
         self.backend_name = selected_backend_name(config.attention_backend)
         self.backend_cls = get_backend_class(self.backend_name)
         self.backend_cls.resolve_config(config.attention_config)  # engine-wide settings fail here
-        self.layout = self.info.model_class.attention_layout(self.info.config)
+        # one rank's heads: each rank stores the patterns of its own heads under the same block ids
+        self.layout = rank_layout(self.info.attention_layout, config.sequence_parallel_size)
         self.max_model_len = config.max_model_len or self.info.max_model_len
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.info.torch_dtype)
-        self.executor = UniProcExecutor(WorkerConfig(
-            model=config.model, dtype=self.dtype, device=self.device,
-            attention_backend=self.backend_name, load_format=config.load_format))
+        self.executor = make_executor(config.distributed_executor_backend, WorkerConfig(
+            model=config.model, dtype=self.dtype, device=self.device, attention_backend=self.backend_name,
+            load_format=config.load_format, sequence_parallel_size=config.sequence_parallel_size))
         block_bytes = config.mask_pool_block_bytes
         num_blocks = 0
         if self.backend_cls.keeps_patterns:
@@ -53,7 +56,7 @@ class LLMEngine:
             BlockManager(num_blocks, block_bytes), self.backend_cls, config.max_num_seqs,
             config.max_num_batched_tokens or max(16384, self.max_model_len))
         eos = set(self.info.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._ids = itertools.count()
@@ -62,6 +65,9 @@ class LLMEngine:
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         """Check one request completely (raising ValueError naming the bad value) without queuing it."""
         text, ids = self._prompt_ids(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop={params.stop!r} needs the tokenizer, "
+                             f"which skip_tokenizer_init=True left out")
         family = self.info.family
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
@@ -92,6 +98,9 @@ class LLMEngine:
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {prompt!r:.80} is text but skip_tokenizer_init=True: "
+                                 f"pass token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
@@ -174,7 +183,7 @@ class LLMEngine:
             finish = "stop"
             stop_reason = ids[cut] if ids[cut] in seq.params.stop_token_ids else None
             ids = ids[:cut]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
         hits = [(text.find(s), s) for s in seq.params.stop if s in text]
         if hits and finish != "abort":
             pos, s = min(hits)

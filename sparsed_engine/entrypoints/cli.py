@@ -1,4 +1,4 @@
-"""`sparsed-engine generate --model DIR --prompt "..."`: generate from the command line."""
+"""`sparsed-engine generate [--model DIR] --prompt "..."`: generate from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsed-engine")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one or more prompts")
-    g.add_argument("--model", required=True, help="local Hugging Face model folder")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model folder (default: the bundled tiny LLaDA, sparsed_engine/default_model)")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     g.add_argument("--prompt-file", help="a file with one prompt per line, or a JSON list of prompts")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--load-format", default="auto")
     g.add_argument("--mask-pool-bytes", type=int, default=None)
     g.add_argument("--trust-remote-code", action="store_true")
+    g.add_argument("--sequence-parallel-size", type=int, default=1,
+                   help="spread each sequence over this many GPUs (Ulysses sequence parallelism)")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "ray"],
+                   help="default: uni for one GPU, ray for more")
     g.add_argument("--no-progress", action="store_true")
     return p
 
@@ -66,15 +71,18 @@ def generate(args) -> None:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               attention_backend=args.attention_backend, attention_config=args.attention_config,
               load_format=args.load_format, mask_pool_bytes=args.mask_pool_bytes,
-              trust_remote_code=args.trust_remote_code)
-    t_load = time.perf_counter() - t0
-    run = llm.chat if args.chat else llm.generate
-    t0 = time.perf_counter()
-    if args.chat:
-        outs = run([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=not args.no_progress)
-    else:
-        outs = run(prompts, params, use_tqdm=not args.no_progress)
-    t_gen = time.perf_counter() - t0
+              trust_remote_code=args.trust_remote_code, sequence_parallel_size=args.sequence_parallel_size,
+              distributed_executor_backend=args.distributed_executor_backend)
+    with llm:
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                            use_tqdm=not args.no_progress)
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+        t_gen = time.perf_counter() - t0
+        backend = llm.get_stats()["backend"]
     for out in outs:
         c = out.outputs[0]
         print(f"=== request {out.request_id} ({len(out.prompt_token_ids)} prompt tokens, "
@@ -82,7 +90,7 @@ def generate(args) -> None:
               f"{out.metrics.steps} steps, {out.metrics.seconds:.2f}s)")
         print(c.text)
     print(f"--- model load {t_load:.2f}s, generation {t_gen:.2f}s for {len(outs)} request(s), "
-          f"backend {llm.get_stats()['backend']}")
+          f"backend {backend}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,10 @@ from attention_backends.base import PoolSpec
 from model_executor.step_input import StepInput
 
 
+class ExecutorDeadError(RuntimeError):
+    """A worker died or failed (or the executor was shut down): no step can run any more."""
+
+
 class Executor(ABC):
     @abstractmethod
     def available_pool_bytes(self, fraction: float) -> int:

@@ -1,0 +1,46 @@
+"""The backend a model receives under sequence parallelism (DeepSpeed-Ulysses).
+
+The model runs on a token shard and calls `forward(q, k, v)` with [T/sp, H, D] tensors as usual.
+This wrapper turns them into all tokens of H/sp heads, lets the real backend (built with the
+rank's AttentionLayout) attend, and turns the result back, so the models never know. SparseD
+selects and applies the pattern of the rank's own heads, stored in the rank's own pool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attention_backends.base import AttentionBackend, PoolSpec, RowSpec
+from model_executor.parallel.group import SequenceParallelGroup
+from model_executor.parallel.layout import kv_repeats
+
+
+@dataclass
+class UlyssesMetadata:
+    inner: Any          # the wrapped backend's metadata for the whole packed batch
+    num_tokens: int     # real tokens of the packed batch (the shards are padded)
+
+
+class UlyssesBackend(AttentionBackend):
+    def __init__(self, inner: AttentionBackend, group: SequenceParallelGroup):
+        super().__init__(inner.layout, inner.device, inner.dtype)
+        self.inner, self.group = inner, group
+
+    def build_metadata(self, rows: list[RowSpec]) -> UlyssesMetadata:
+        return UlyssesMetadata(self.inner.build_metadata(rows), sum(r.length for r in rows))
+
+    def forward(self, q, k, v, metadata: UlyssesMetadata, layer: int) -> torch.Tensor:
+        g, n = self.group, metadata.num_tokens
+        repeats = kv_repeats(k.shape[1], g.size)
+        if repeats > 1:
+            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        out = self.inner.forward(g.to_heads(q, n), g.to_heads(k, n), g.to_heads(v, n), metadata.inner, layer)
+        return g.to_tokens(out)
+
+    def init_pool(self, spec: PoolSpec) -> None:
+        self.inner.init_pool(spec)
+
+    def pool_usage(self) -> dict:
+        return self.inner.pool_usage()
