@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.llada8b import LLADA_8B_CONFIG
+from benchmarks.steps import median_of, timed_steps
 from sparsed_engine import LLM, SamplingParams
 
 SPARSE = {"skip": 0.2, "select": 0.3, "block_size": 128}
@@ -36,27 +36,6 @@ TINY_CONFIG = {**LLADA_8B_CONFIG, "d_model": 128, "n_heads": 4, "n_kv_heads": 4,
 
 
 # ---------------------------------------------------------------- one configuration (child process)
-def timed_steps(llm: LLM, ids: list[int], params: SamplingParams, sync) -> list[tuple[str, float]]:
-    """(phase, seconds) of every step of one request, run alone."""
-    eng = llm.llm_engine
-    seq = eng.make_sequence(ids, params)
-    eng.add_sequence(seq)
-    out = []
-    while eng.has_unfinished_requests():
-        phase = eng.scheduler.phase_of(seq)
-        sync()
-        t = time.perf_counter()
-        eng.step()
-        sync()
-        out.append((phase, time.perf_counter() - t))
-    return out
-
-
-def median_of(steps, phase, skip_first=True) -> float:
-    xs = [t for p, t in steps if p == phase]
-    return statistics.median(xs[1:] if skip_first and len(xs) > 1 else xs)
-
-
 def time_collectives(worker, length: int, num_logits: int, iters: int) -> float:
     """Seconds one step's collectives take on this rank, run alone at the step's shapes.
     Ray pickles this function by value and runs it on every rank through collective_rpc."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -22,33 +21,20 @@ import torch
 
 from attention_backends.sdpa import SDPA_ENV
 from benchmarks.llada8b import prompt_ids, write_model_dir
+from benchmarks.steps import median_of, timed_steps
 from sparsed_engine import LLM, SamplingParams
 
 SPARSE = {"skip": 0.2, "select": 0.3, "block_size": 128}
 GEN = 128
 
 
-def timed_steps(llm: LLM, ids: list[int], params: SamplingParams, sdpa: str = "") -> list[tuple[str, float]]:
-    """(phase, seconds) of every step of one request, run alone."""
+def sdpa_steps(llm: LLM, ids: list[int], params: SamplingParams, sdpa: str = ""):
+    """timed_steps with the dense SDPA kernel pinned (cudnn, flash) or chosen automatically ("")."""
     os.environ[SDPA_ENV] = sdpa
-    eng = llm.llm_engine
-    seq = eng.make_sequence(ids, params)
-    eng.add_sequence(seq)
-    out = []
-    while eng.has_unfinished_requests():
-        phase = eng.scheduler.phase_of(seq)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        eng.step()
-        torch.cuda.synchronize()
-        out.append((phase, time.perf_counter() - t))
-    os.environ[SDPA_ENV] = ""
-    return out
-
-
-def median_of(steps, phase, skip_first=True):
-    xs = [t for p, t in steps if p == phase]
-    return statistics.median(xs[1:] if skip_first and len(xs) > 1 else xs)
+    try:
+        return timed_steps(llm, ids, params, torch.cuda.synchronize)
+    finally:
+        os.environ[SDPA_ENV] = ""
 
 
 def measure_length(llm: LLM, n: int) -> dict:
@@ -56,10 +42,10 @@ def measure_length(llm: LLM, n: int) -> dict:
     dense = dict(max_tokens=GEN, steps=4, attention_config={"skip": 1.0})
     torch.cuda.reset_peak_memory_stats()
     r = {"N": n,
-         "dense_cudnn": median_of(timed_steps(llm, ids, SamplingParams(**dense), "cudnn"), "dense"),
-         "dense_fa2": median_of(timed_steps(llm, ids, SamplingParams(**dense), "flash"), "dense")}
+         "dense_cudnn": median_of(sdpa_steps(llm, ids, SamplingParams(**dense), "cudnn"), "dense"),
+         "dense_fa2": median_of(sdpa_steps(llm, ids, SamplingParams(**dense), "flash"), "dense")}
     # skip 0 selects at step 1: one dense step, the selection step, then sparse steps
-    steps = timed_steps(llm, ids, SamplingParams(max_tokens=GEN, steps=8,
+    steps = sdpa_steps(llm, ids, SamplingParams(max_tokens=GEN, steps=8,
                                                  attention_config={**SPARSE, "skip": 0.0}))
     r["select"] = median_of(steps, "select", skip_first=False)
     r["sparse"] = median_of(steps, "sparse")
@@ -97,7 +83,7 @@ def main():
         llm = LLM(model=str(write_model_dir(Path(tmp))), load_format="dummy", dtype="bfloat16",
                   attention_backend="sparsed", attention_config=SPARSE,
                   max_model_len=max(args.lengths + args.full_run) + GEN)
-        timed_steps(llm, prompt_ids(llm.get_tokenizer(), 4096), SamplingParams(  # compile kernels
+        sdpa_steps(llm, prompt_ids(llm.get_tokenizer(), 4096), SamplingParams(  # compile kernels
             max_tokens=GEN, steps=4, attention_config={**SPARSE, "skip": 0.0}))
         rows = [measure_length(llm, n) for n in args.lengths]
         fulls = [full_run(llm, n) for n in args.full_run]
