@@ -7,7 +7,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "long_context_prompts.json"
+_ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout; a copy in .data/ (git-ignored) where shared/ does not travel
+DATA = next((p for p in (_ROOT.parent / "shared" / "data" / "long_context_prompts.json",
+                         _ROOT / ".data" / "long_context_prompts.json") if p.is_file()),
+            _ROOT.parent / "shared" / "data" / "long_context_prompts.json")
 
 LLADA_8B_CONFIG = {
     "architectures": ["LLaDAModelLM"], "model_type": "llada", "block_type": "llama",
