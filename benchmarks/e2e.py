@@ -4,7 +4,7 @@ Measures, on one GPU, through the engine itself (LLMEngine.step, synchronised):
 a dense step with cuDNN attention and with FA2 attention, SparseD's selection step and a sparse
 step, and peak memory, at each canvas length; a measured 128-step generation (dense vs SparseD)
 at the --full-run lengths; and the 1,024-step totals at each length *computed* from the measured
-step times. Prints a table, writes a PNG plot and appends the results to benchmarks/RESULTS.md.
+step times. Prints a table and writes it (e2e.md, for benchmarks/RESULTS.md) and a PNG plot to --out.
 
     python benchmarks/e2e.py --lengths 16384 32768 65536 --full-run 16384 --out $OUT
 """
@@ -104,9 +104,7 @@ def main():
                   for f in fulls]
     table = "\n".join(lines) + "\n"
     print(table)
-    (out / "e2e.md").write_text(table)
-    with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-        f.write("\n" + table)
+    (out / "e2e.md").write_text(table)  # rows for benchmarks/RESULTS.md
     try:
         import matplotlib
         matplotlib.use("Agg")
