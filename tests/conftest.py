@@ -1,5 +1,14 @@
 """Shared fixtures: tiny real-format checkpoints, built once per test session."""
-import pytest
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter, which must be chosen before the
+# first import of a kernel module, whichever test module imports one first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tests.tiny_checkpoints import write_tiny_dream, write_tiny_llada
 
