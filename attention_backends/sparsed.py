@@ -56,9 +56,22 @@ class _Row:
 
 
 @dataclass
+class _SparseGroup:
+    """SPARSE rows sharing a block size and kernel: one kernel call per layer, its index
+    tensors built once per step."""
+    rows: list[_Row]
+    block_size: int
+    kernel: str
+    cu_seqlens: torch.Tensor
+    q_block_offsets: torch.Tensor
+    span: tuple[int, int] | None     # the rows' token range when they lie back to back
+    token_idx: torch.Tensor | None   # otherwise their token indices
+
+
+@dataclass
 class SparseDMetadata:
     rows: list[_Row]
-    sparse_groups: dict  # (block_size, kernel) -> indices of SPARSE rows
+    sparse_groups: list[_SparseGroup]
 
 
 class SparseDBackend(AttentionBackend):
@@ -129,7 +142,19 @@ class SparseDBackend(AttentionBackend):
                     groups.setdefault((bs, spec.config.kernel), []).append(i)
             out.append(row)
             start += spec.length
-        return SparseDMetadata(out, groups)
+        return SparseDMetadata(out, [self._group([out[i] for i in members], *key)
+                                     for key, members in groups.items()])
+
+    def _group(self, rows: list[_Row], bs: int, kernel: str) -> _SparseGroup:
+        def offsets(sizes):
+            return torch.tensor([0] + sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+
+        back_to_back = all(a.start + a.length == b.start for a, b in zip(rows, rows[1:]))
+        span = (rows[0].start, rows[-1].start + rows[-1].length) if back_to_back else None
+        token_idx = None if back_to_back else torch.cat(
+            [torch.arange(r.start, r.start + r.length) for r in rows]).to(self.device)
+        return _SparseGroup(rows, bs, kernel, offsets([r.length for r in rows]), offsets([r.nb for r in rows]),
+                            span, token_idx)
 
     def forward(self, q, k, v, metadata: SparseDMetadata, layer: int) -> torch.Tensor:
         out = torch.empty_like(q)
@@ -148,8 +173,8 @@ class SparseDBackend(AttentionBackend):
             else:
                 out[s:e], lse = dense_attention(q[s:e], k[s:e], v[s:e], self.layout.scale), None
             self._store(row, layer, self._choose(q[s:e], k[s:e], row, lse))
-        for (bs, kernel), members in metadata.sparse_groups.items():
-            self._sparse(q, k, v, [metadata.rows[i] for i in members], layer, bs, kernel, out)
+        for group in metadata.sparse_groups:
+            self._sparse(q, k, v, group, layer, out)
         return out
 
     def _choose(self, q, k, row: _Row, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,22 +184,18 @@ class SparseDBackend(AttentionBackend):
         imp_all, imp_gen = sparse_ops.importance(q, k, scale, cfg.block_size, row.gen_block, cfg.kernel, lse)
         return select_tiles(imp_all, imp_gen, row.gen_block, cfg.select)
 
-    def _sparse(self, q, k, v, rows: list[_Row], layer: int, bs: int, kernel: str, out: torch.Tensor) -> None:
-        """All SPARSE rows of one block size and kernel in one call over exactly their kept tiles."""
-        tiles = [self.load_tiles(r, layer) for r in rows]
+    def _sparse(self, q, k, v, g: _SparseGroup, layer: int, out: torch.Tensor) -> None:
+        """One call over exactly the kept tiles of a group's rows."""
+        tiles = [self.load_tiles(r, layer) for r in g.rows]
         width = max(int(t.sum(-1).max()) for t in tiles)
         lists = [kv_lists(t, width) for t in tiles]
         kv_num = torch.cat([n for n, _ in lists], dim=1)
         kv_idx = torch.cat([i for _, i in lists], dim=1)
-        lengths = [r.length for r in rows]
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
-        qbo = torch.tensor([0] + [r.nb for r in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
-        token_idx = torch.cat([torch.arange(r.start, r.start + r.length) for r in rows]).to(self.device)
-        contiguous = all(rows[i].start + rows[i].length == rows[i + 1].start for i in range(len(rows) - 1))
-        if contiguous:  # the usual case: no gather, just a slice
-            s, e = rows[0].start, rows[-1].start + rows[-1].length
-            qs, ks, vs = q[s:e], k[s:e], v[s:e]
+        if g.span is not None:  # the usual case: a slice, no gather or scatter
+            s, e = g.span
+            out[s:e] = sparse_ops.block_sparse(q[s:e], k[s:e], v[s:e], g.cu_seqlens, g.q_block_offsets,
+                                               kv_num, kv_idx, g.block_size, self.layout.scale, g.kernel)
         else:
-            qs, ks, vs = q[token_idx], k[token_idx], v[token_idx]
-        o = sparse_ops.block_sparse(qs, ks, vs, cu, qbo, kv_num, kv_idx, bs, self.layout.scale, kernel)
-        out[token_idx] = o
+            i = g.token_idx
+            out[i] = sparse_ops.block_sparse(q[i], k[i], v[i], g.cu_seqlens, g.q_block_offsets,
+                                             kv_num, kv_idx, g.block_size, self.layout.scale, g.kernel)
