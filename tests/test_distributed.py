@@ -179,7 +179,7 @@ def test_llm_starts_and_releases_its_own_ray(tiny_llada_dir):
 @pytest.fixture(scope="module")
 def ray_session():
     """One small Ray for the rest of the module; executors join it and leave it running."""
-    ray.init(address="local", num_cpus=SP, include_dashboard=False, object_store_memory=200 << 20)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 << 20)
     yield
     ray.shutdown()
 
@@ -198,6 +198,17 @@ def test_ray_outputs_equal_single_process(ray_session, request, family, backend)
         assert llm.get_stats()["mask_pool"]["allocated_bytes"] == SP * (1 << 20)
     llm.shutdown()
     assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+@needs_ray
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_four_workers_equal_single_process(ray_session, request, family):
+    """Four ranks: one query head each; Dream's two KV heads are replicated across them."""
+    model = str(request.getfixturevalue(f"tiny_{family}_dir"))
+    want = LLM(model=model, **SPARSE_KW).generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    with LLM(model=model, sequence_parallel_size=4, **SPARSE_KW) as llm:
+        got = llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 @needs_ray
