@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from importlib.metadata import entry_points
 
+from attention_backends.base import AttentionBackend
+
 GROUP = "sparsed_engine.attention_backends"
 ENV_VAR = "SPARSED_ATTENTION_BACKEND"
 DEFAULT = "dense"
@@ -32,7 +34,6 @@ def get_backend_class(name: str):
         raise ValueError(f"unknown attention backend {name!r}; installed backends: "
                          f"{', '.join(sorted(eps)) or '(none)'}")
     cls = eps[name].load()
-    from attention_backends.base import AttentionBackend
     if not (isinstance(cls, type) and issubclass(cls, AttentionBackend)):
         raise TypeError(f"entry point {name!r} ({eps[name].value}) is not an AttentionBackend subclass")
     return cls

@@ -29,7 +29,6 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: max(16384, max_model_len)
     load_format: str = "auto"
     trust_remote_code: bool = False
-    seed: int = 0
     skip_tokenizer_init: bool = False          # True: prompts must be token ids, outputs carry no text
     sequence_parallel_size: int = 1            # GPUs (or CPU ranks) one sequence is spread over
     distributed_executor_backend: str | None = None  # "uni" | "ray"; None: uni for 1 rank, ray for more
