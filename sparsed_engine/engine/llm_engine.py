@@ -141,9 +141,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         rows, owners = [], []
         for seq, phase in batch:
-            if not seq.needs_forward(phase):
-                continue
             positions = seq.masked_positions()
+            if not seq.needs_forward(phase, positions.numel()):
+                continue
             per_row = len(seq.pattern_blocks) // seq.num_rows
             for r, canvas in enumerate(seq.rows()):
                 spec = RowSpec(canvas.numel(), seq.prompt_len, phase,

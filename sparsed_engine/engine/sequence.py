@@ -99,11 +99,11 @@ class Sequence:
         return (unmasking.dream_transfer_count(num_masked, i, spb, self.params.eps),
                 unmasking.dream_transfer_prob(i, spb, self.params.eps))
 
-    def needs_forward(self, phase: str) -> bool:
+    def needs_forward(self, phase: str, num_masked: int) -> bool:
         """A step that commits nothing and selects no pattern changes nothing: skip its forward."""
         if phase == SELECT:
             return True
-        n, p = self.transfer_plan(int(self.masked_positions().numel()))
+        n, p = self.transfer_plan(num_masked)
         return n > 0 or p > 0
 
     def generator(self, device: torch.device) -> torch.Generator:
