@@ -132,7 +132,7 @@ def make_llm(model: str, setting: Setting, device: str, max_model_len: int) -> L
     return LLM(model=model, device=device, attention_backend=setting.backend,
                attention_config=setting.attention_config, max_model_len=max_model_len,
                mask_pool_bytes=1 << 26, mask_pool_block_bytes=4096, max_num_seqs=256,
-               max_num_batched_tokens=1 << 20, seed=0)
+               max_num_batched_tokens=1 << 20)
 
 
 def passkey_accuracy(llm: LLM, prompts, gen: int) -> float:
