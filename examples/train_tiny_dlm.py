@@ -16,16 +16,17 @@ Objective (LLaDA, Nie et al. 2025):
     from 128 tokens to the row, ends the row after a corpus prefix.
 
 Training is bf16 autocast with torch.compile on CUDA (one static graph per row shape), AdamW
-(0.9, 0.95), weight decay 0.1 on matrices, linear warm-up then cosine decay to 10%. The log
-splits the loss into corpus and retrieval rows and ends with a retrieval probe and each layer's
-attention entropy (near zero = collapsed heads, see --lr).
+(0.9, 0.95), weight decay 0.1 on matrices, linear warm-up then cosine decay to 10% (over --steps,
+or over --max-minutes when that runs out first). Each log line splits the loss into corpus and
+retrieval rows and gives each layer's attention entropy on a fixed row (near zero = collapsed
+heads, see --lr); the run ends with a retrieval probe and the same entropy check.
 
 The saved folder is what the engine loads (official key names; bf16 safetensors in shards of at
 most --shard-mb, an index, tokenizer files and generation_config.json); the run ends by
 generating from it through `LLM`.
 
     python examples/build_corpus.py --out .corpus
-    python examples/train_tiny_dlm.py --corpus .corpus --out /tmp/tiny-llada      # one H200, ~6 min
+    python examples/train_tiny_dlm.py --corpus .corpus --out /tmp/tiny-llada --max-minutes 5.5  # one H100/H200
     python examples/train_tiny_dlm.py --corpus .corpus --out /tmp/t --device cpu \
         --d-model 64 --n-layers 2 --mlp-hidden 128 --seq-len 256 --batch-size 4 --steps 4  # CPU smoke
 (run from the repository root after `pip install -e .`; elsewhere set PYTHONPATH to it)
@@ -323,13 +324,24 @@ def main() -> None:
     no_decay = [p for p in model.parameters() if p.dim() == 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # Cosine over training progress: the step count, or, with --max-minutes, the elapsed share of
+    # that budget when it is further along, so a time-limited run still decays to 10% at its end
+    # instead of stopping at a high learning rate.
+    t_start = [time.time()]
+
+    def progress(s: int) -> float:
+        by_time = (time.time() - t_start[0]) / (args.max_minutes * 60) if args.max_minutes else 0.0
+        return min(max(s / args.steps, by_time), 1.0)
+
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
-        0.1 + 0.45 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))))
+        0.1 + 0.45 * (1 + math.cos(math.pi * progress(s)))))
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     # dynamic=False: the two row shapes get one static graph each instead of a dynamic one
     loss_fn = torch.compile(llada_loss, dynamic=False) if use_compile else llada_loss
 
+    probe_row = data.batch(1, min(1024, args.seq_len))[0][0].to(device)  # fixed row for the entropy log
     t0, running = time.time(), []
+    t_start[0] = t0
     t_log, tokens_since = t0, 0
     for step in range(args.steps):
         rows, length = (args.batch_size // 2, args.seq_len * 2) if step % 4 == 3 else (args.batch_size, args.seq_len)
@@ -348,10 +360,14 @@ def main() -> None:
         if (step + 1) % args.log_every == 0 or step == args.steps - 1:
             lm, n_lm, ret, n_ret = torch.stack(running).sum(0).tolist()  # synchronises
             now = time.time()
+            # attention entropy per layer on a fixed row: falling towards 0 is the collapse to
+            # one-hot heads that --lr 3e-3 caused (uniform is log(row length), ~6.9 at 1,024)
+            entropy = attention_entropy(model, probe_row, mask_id)
             print(f"step {step + 1:5d}  loss: corpus {lm / max(n_lm, 1):.3f} retrieval {ret / max(n_ret, 1):.3f}  "
-                  f"lr {schedule.get_last_lr()[0]:.2e}  "
+                  f"lr {schedule.get_last_lr()[0]:.2e}  attn entropy {' '.join(f'{e:.1f}' for e in entropy)}"
+                  f"{'  COLLAPSING' if min(entropy) < 0.5 else ''}  "
                   f"{tokens_since / (now - t_log) / 1e3:.0f}k tok/s  {now - t0:.0f}s", flush=True)
-            running, t_log, tokens_since = [], now, 0
+            running, t_log, tokens_since = [], time.time(), 0
         if args.max_minutes and time.time() - t0 > args.max_minutes * 60:
             print(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached", flush=True)
             break
