@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from attention_backends.base import DENSE, SELECT, SPARSE, AttentionBackend, AttentionLayout, PoolSpec, RowSpec
 from attention_backends.sdpa import dense_attention, dense_attention_lse
@@ -186,11 +187,10 @@ class SparseDBackend(AttentionBackend):
 
     def _sparse(self, q, k, v, g: _SparseGroup, layer: int, out: torch.Tensor) -> None:
         """One call over exactly the kept tiles of a group's rows."""
-        tiles = [self.load_tiles(r, layer) for r in g.rows]
-        width = max(int(t.sum(-1).max()) for t in tiles)
-        lists = [kv_lists(t, width) for t in tiles]
+        lists = [kv_lists(self.load_tiles(r, layer)) for r in g.rows]
+        width = max(i.shape[-1] for _, i in lists)
         kv_num = torch.cat([n for n, _ in lists], dim=1)
-        kv_idx = torch.cat([i for _, i in lists], dim=1)
+        kv_idx = torch.cat([F.pad(i, (0, width - i.shape[-1])) for _, i in lists], dim=1)
         if g.span is not None:  # the usual case: a slice, no gather or scatter
             s, e = g.span
             out[s:e] = sparse_ops.block_sparse(q[s:e], k[s:e], v[s:e], g.cu_seqlens, g.q_block_offsets,

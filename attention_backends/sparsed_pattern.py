@@ -46,10 +46,10 @@ def unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
     return ((bits[..., None] >> shifts) & 1).bool().flatten(-2)[..., :n]
 
 
-def kv_lists(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [H, nq, nk] -> (kv_num int32 [H, nq], kv_idx int32 [H, nq, width]) ascending per row."""
+def kv_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [H, nq, nk] -> (kv_num int32 [H, nq], kv_idx int32 [H, nq, max kv_num]) ascending per row."""
     num = mask.sum(-1, dtype=torch.int32)
-    width = width or max(int(num.max()), 1)
+    width = max(int(num.max()), 1)
     idx = torch.zeros(*mask.shape[:-1], width, dtype=torch.int32, device=mask.device)
     nz = mask.nonzero()  # row-major, so key blocks come out ascending within each (head, q block)
     flat_row = nz[:, 0] * mask.shape[1] + nz[:, 1]
