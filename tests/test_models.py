@@ -6,6 +6,7 @@ by index), so a wrong name mapping, head split, RoPE layout, bias, norm or shift
 """
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -202,3 +203,27 @@ def test_dream_refuses_options_it_does_not_implement(tmp_path, override, message
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         read_model_info(folder)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_fused_elementwise_kernels_give_the_same_model(family, tiny_llada_dir, tiny_dream_dir, monkeypatch):
+    """On CUDA the norms, RoPE and SwiGLU run fused Triton kernels; here they run in the Triton
+    interpreter on the CPU tensors, and the whole model must match the torch path."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (set by conftest when there is no GPU)")
+    from model_executor.layers import fused_elementwise, mlp, rms_norm, rotary
+
+    folder = tiny_llada_dir if family == "llada" else tiny_dream_dir
+    rows = [some_ids(23, read_model_info(folder).vocab_size, seed=6), some_ids(9, read_model_info(folder).vocab_size, seed=7)]
+    _, want = run(folder, rows)
+    calls = []
+
+    def fused(x):
+        calls.append(x.shape)
+        return fused_elementwise
+
+    for module in (mlp, rms_norm, rotary):
+        monkeypatch.setattr(module, "fused_kernels", fused)
+    _, got = run(folder, rows)
+    assert len(calls) == 5 * read_model_info(folder).attention_layout.num_layers + 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

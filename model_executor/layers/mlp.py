@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_executor.layers.fused_dispatch import fused_kernels
+
 
 def swiglu(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
-    return down(F.silu(gate(x)) * up(x))
+    g, u = gate(x), up(x)
+    fused = fused_kernels(g)
+    return down(fused.silu_mul(g, u) if fused is not None else F.silu(g) * u)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from model_executor.layers.fused_dispatch import fused_kernels
+
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 cos/sin of shape [T, head_dim] for the given positions (positions within each row)."""
@@ -26,6 +28,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool) -> torch.Tensor:
     """Rotate x [T, H, D] by the per-token angles in cos/sin [T, D]; returns x's dtype."""
+    if (fused := fused_kernels(x)) is not None:
+        return fused.rotary(x, cos, sin, full_precision)
+    return apply_rotary_reference(x, cos, sin, full_precision)
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, full_precision: bool) -> torch.Tensor:
     cos, sin = cos[:, None, :], sin[:, None, :]
     if full_precision:
         xf = x.float()

@@ -112,8 +112,9 @@ class DreamDecoderLayer(nn.Module):
         self.mlp = DreamMLP(a)
 
     def forward(self, x, cos, sin, attn_metadata):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        att = self.self_attn(self.input_layernorm(x), cos, sin, attn_metadata)
+        x, h = self.post_attention_layernorm.add_forward(x, att)  # residual add + norm, one pass
+        return x + self.mlp(h)
 
 
 class DreamModel(nn.Module):

@@ -116,8 +116,8 @@ class LLaDABlock(nn.Module):
         q = apply_rotary(q, cos, sin, a.rope_full_precision)
         k = apply_rotary(k, cos, sin, a.rope_full_precision)
         att = self.backend.forward(q, k, v, attn_metadata, self.layer_idx)
-        x = x + self.attn_out(att.reshape(t, a.d_model))
-        return x + swiglu(self.ff_norm(x), self.ff_proj, self.up_proj, self.ff_out)
+        x, h = self.ff_norm.add_forward(x, self.attn_out(att.reshape(t, a.d_model)))
+        return x + swiglu(h, self.ff_proj, self.up_proj, self.ff_out)
 
 
 class LLaDAModelLM(nn.Module):
