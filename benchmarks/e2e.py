@@ -7,6 +7,7 @@ at the --full-run lengths; and the 1,024-step totals at each length *computed* f
 step times. Prints a table and writes it (e2e.md, for benchmarks/RESULTS.md) and a PNG plot to --out.
 
     python benchmarks/e2e.py --lengths 16384 32768 65536 --full-run 16384 --out $OUT
+    python benchmarks/e2e.py --lengths --full-run --profile 32768   # where a step's time goes
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def measure_length(llm: LLM, n: int) -> dict:
     r["dense_1024"] = 1024 * r["dense_cudnn"]
     r["fa2_1024"] = 1024 * r["dense_fa2"]
     r["sparse_1024"] = k * r["dense_cudnn"] + r["select"] + (1024 - k - 1) * r["sparse"]
+    print(r, flush=True)
     return r
 
 
@@ -67,13 +69,40 @@ def full_run(llm: LLM, n: int) -> dict:
         llm.generate([ids], p, use_tqdm=False)
         torch.cuda.synchronize()
         res[name] = time.perf_counter() - t
+        print(n, name, f"{res[name]:.1f} s", flush=True)
     return res
+
+
+def profile_steps(llm: LLM, n: int, out: Path) -> None:
+    """Kernel-time tables (torch.profiler) of one dense, one selection and one sparse step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.llm_engine
+    seq = eng.make_sequence(prompt_ids(llm.get_tokenizer(), n - GEN),
+                            SamplingParams(max_tokens=GEN, steps=8, attention_config={**SPARSE, "skip": 0.0}))
+    eng.add_sequence(seq)
+    seen, text = set(), []
+    while eng.has_unfinished_requests():
+        phase = eng.scheduler.phase_of(seq)
+        if phase in seen or phase not in ("dense", "select", "sparse"):
+            eng.step()
+            continue
+        seen.add(phase)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            eng.step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=22, max_name_column_width=70)
+        text.append(f"## {phase} step at N={n}\n{table}")
+        print(text[-1], flush=True)
+    (out / f"profile_{n}.txt").write_text("\n".join(text))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536])
     ap.add_argument("--full-run", type=int, nargs="*", default=[16384])
+    ap.add_argument("--profile", type=int, nargs="*", default=[], help="lengths to profile a step of")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     out = Path(args.out)
@@ -82,11 +111,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(model=str(write_model_dir(Path(tmp))), load_format="dummy", dtype="bfloat16",
                   attention_backend="sparsed", attention_config=SPARSE,
-                  max_model_len=max(args.lengths + args.full_run) + GEN)
+                  max_model_len=max(args.lengths + args.full_run + args.profile) + GEN)
         sdpa_steps(llm, prompt_ids(llm.get_tokenizer(), 4096), SamplingParams(  # compile kernels
             max_tokens=GEN, steps=4, attention_config={**SPARSE, "skip": 0.0}))
+        for n in args.profile:
+            profile_steps(llm, n, out)
         rows = [measure_length(llm, n) for n in args.lengths]
         fulls = [full_run(llm, n) for n in args.full_run]
+    if not rows and not fulls:
+        return
     lines = [f"### e2e, LLaDA-8B shape, random bf16 weights, {gpu}, "
              f"{datetime.date.today()}, torch {torch.__version__}",
              "", "| N | dense step cuDNN (s) | dense step FA2 (s) | selection step (s) | sparse step (s) "

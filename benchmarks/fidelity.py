@@ -269,8 +269,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="passkey prompts per length")
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--results-md", default=str(RESULTS_MD))
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only the settings whose label contains one of these (dense always runs)")
     args = ap.parse_args()
     scale = SMALL if args.small else FULL
+    if args.only:
+        scale = dataclasses.replace(scale, settings=[s for s in scale.settings if s.label == "dense"
+                                                     or any(o in s.label for o in args.only)])
     if args.samples:
         scale = dataclasses.replace(scale, passkey_samples=args.samples)
     out = Path(args.out)
