@@ -17,6 +17,10 @@ held-out standard-library files of examples/build_corpus.py), with the same seed
 (c) greedy agreement: held-out prompts continued for `gen` tokens (semi-autoregressive blocks);
     the share of generated positions equal to dense's (EOS-padded after an end of text).
 
+Rounding baseline: dense in the other precision (float32 on GPU, bfloat16 on CPU) shows how far
+rounding alone moves each measure; greedy agreement, where one changed token changes all that
+follow, moves most.
+
 Ablations (benchmarks/fidelity_backends.py): "sparse from step 0" (no dense warm-up) and a
 sliding window (a band around the diagonal keeping, per head and query block, exactly as many
 key blocks as SparseD keeps). Prints a table, writes a PNG and JSON under --out, and appends the
@@ -58,6 +62,11 @@ class Setting:
     label: str
     backend: str
     attention_config: dict | None = None
+    dtype: str = "auto"     # "other": float32 on GPU, bfloat16 on CPU (the rounding baseline)
+
+
+# Dense in the other precision: how far rounding alone moves each measure, greedy agreement above all.
+ROUNDING_BASELINE = Setting("dense, other precision (rounding baseline)", "dense", dtype="other")
 
 
 def sparsed(skip: float, select: float, block_size: int) -> Setting:
@@ -66,9 +75,10 @@ def sparsed(skip: float, select: float, block_size: int) -> Setting:
 
 
 def grid(block_size: int) -> list[Setting]:
-    """Dense, SparseD around the paper's default (skip 0.2, select 0.3), then the two ablations."""
+    """Dense (and its rounding baseline), SparseD around the paper's default (skip 0.2, select 0.3),
+    then the two ablations."""
     ablation = {"skip": 0.2, "select": 0.3, "block_size": block_size}
-    return [Setting("dense", "dense"), sparsed(0.2, 0.3, block_size), sparsed(0.2, 0.3, block_size // 2),
+    return [Setting("dense", "dense"), ROUNDING_BASELINE, sparsed(0.2, 0.3, block_size), sparsed(0.2, 0.3, block_size // 2),
             sparsed(0.2, 0.1, block_size), sparsed(0.2, 0.5, block_size), sparsed(0.1, 0.3, block_size),
             Setting(f"ablation: sparse from step 0, select=0.3 bs={block_size}", "sparsed_step0", ablation),
             Setting(f"ablation: sliding window at SparseD density, bs={block_size}", "sparsed_window", ablation)]
@@ -129,7 +139,8 @@ def windows(stream: list[int], length: int, n: int, seed: int) -> list[list[int]
 
 # ---------------------------------------------------------------- measures
 def make_llm(model: str, setting: Setting, device: str, max_model_len: int) -> LLM:
-    return LLM(model=model, device=device, attention_backend=setting.backend,
+    dtype = setting.dtype if setting.dtype != "other" else "float32" if device.startswith("cuda") else "bfloat16"
+    return LLM(model=model, device=device, dtype=dtype, attention_backend=setting.backend,
                attention_config=setting.attention_config, max_model_len=max_model_len,
                mask_pool_bytes=1 << 26, mask_pool_block_bytes=4096, max_num_seqs=256,
                max_num_batched_tokens=1 << 20)

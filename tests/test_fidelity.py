@@ -8,13 +8,13 @@ from attention_backends.base import SELECT, SPARSE, AttentionLayout, PoolSpec, R
 from attention_backends.registry import installed_backends
 from attention_backends.sparsed import SparseDBackend, SparseDConfig
 from benchmarks import fidelity_backends
-from benchmarks.fidelity import Scale, Setting, heldout_stream, passkey_prompts, run, sparsed, table
+from benchmarks.fidelity import ROUNDING_BASELINE, Scale, Setting, heldout_stream, passkey_prompts, run, sparsed, table
 from benchmarks.fidelity_backends import SlidingWindowBackend, SparseFromStep0Backend
 from model_executor.model_loader import load_tokenizer
 
 TINY = Scale(passkey_lengths=(128,), passkey_samples=2, passkey_gen=8, nll_length=128, nll_docs=2,
              agree_lengths=(128,), agree_prompts=2, agree_gen=8, agree_block=8,
-             settings=[Setting("dense", "dense"), sparsed(0.2, 0.3, 32),
+             settings=[Setting("dense", "dense"), ROUNDING_BASELINE, sparsed(0.2, 0.3, 32),
                        Setting("step0", "sparsed_step0", {"select": 0.3, "block_size": 32}),
                        Setting("window", "sparsed_window", {"select": 0.3, "block_size": 32})])
 
