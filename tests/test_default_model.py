@@ -38,3 +38,13 @@ def test_llm_without_model_uses_it_and_greedy_is_deterministic():
 def test_cli_without_model_flag(capsys):
     assert main(["generate", "--prompt", "The history of", "--max-tokens", "8", "--no-progress"]) == 0
     assert "=== request 0" in capsys.readouterr().out
+
+
+def test_bundled_model_is_trained_it_retrieves_passkeys():
+    """A collapsed or untrained checkpoint retrieves nothing; the shipped one finds a 5-digit key
+    hidden in ~500 tokens of held-out text (the fidelity benchmark's prompts, greedy)."""
+    from benchmarks.fidelity import heldout_stream, passkey_accuracy, passkey_prompts
+
+    llm = LLM()
+    prompts = passkey_prompts(llm.get_tokenizer(), heldout_stream(llm.get_tokenizer(), 200_000), 512, 4, 8, seed=5)
+    assert passkey_accuracy(llm, prompts, 8) >= 0.75
