@@ -10,7 +10,7 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float
            "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
-EXECUTOR_BACKENDS = ("uni", "ray")
+EXECUTOR_BACKENDS = ("uni", "ray", "mp")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False          # True: prompts must be token ids, outputs carry no text
     sequence_parallel_size: int = 1            # GPUs (or CPU ranks) one sequence is spread over
-    distributed_executor_backend: str | None = None  # "uni" | "ray"; None: uni for 1 rank, ray for more
+    distributed_executor_backend: str | None = None  # "uni" | "ray" | "mp"; None: uni for 1 rank, ray for more
 
     def __post_init__(self):
         def bad(name, why):
@@ -67,7 +67,7 @@ class EngineConfig:
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
             bad("distributed_executor_backend", f"choose from {', '.join(EXECUTOR_BACKENDS)}")
         if self.distributed_executor_backend == "uni" and sp > 1:
-            bad("distributed_executor_backend", f"'uni' runs one worker; sequence_parallel_size={sp} needs 'ray'")
+            bad("distributed_executor_backend", f"'uni' runs one worker; sequence_parallel_size={sp} needs 'ray' or 'mp'")
         if self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
             bad("distributed_executor_backend", "Ray is not installed: pip install 'sparsed-engine[ray]'")
 

@@ -1,5 +1,5 @@
 """Sequence parallelism: rank layout and sharding, sharded workers against one worker (two gloo
-processes, no Ray), and the Ray executor end to end (outputs, a killed worker, shutdown)."""
+processes, no Ray), and the Ray and mp executors end to end (outputs, a killed worker, shutdown)."""
 import os
 import socket
 import time
@@ -222,6 +222,50 @@ def test_killed_worker_fails_requests_fast(ray_session, tiny_llada_dir):
     assert not llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ExecutorDeadError, match="the Ray executor is dead: worker rank 1"):
         llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    llm.shutdown()
+
+
+# ---------------------------------------------------------------- the mp executor (no Ray)
+@pytest.mark.parametrize("family,backend", [("llada", "sparsed"), ("dream", "dense")])
+def test_mp_outputs_equal_single_process(request, family, backend):
+    model = str(request.getfixturevalue(f"tiny_{family}_dir"))
+    kw = SPARSE_KW if backend == "sparsed" else {"attention_backend": "dense"}
+    want = LLM(model=model, **kw).generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    with LLM(model=model, sequence_parallel_size=SP, distributed_executor_backend="mp", **kw) as llm:
+        got = llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
+        if backend == "sparsed":
+            assert llm.get_stats()["mask_pool"]["allocated_bytes"] == SP * (1 << 20)
+        procs = list(llm.llm_engine.executor.procs)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert procs and not any(p.is_alive() for p in procs)   # shutdown ended every rank's process
+
+
+def test_mp_killed_worker_fails_requests_fast(tiny_llada_dir):
+    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
+    procs = list(llm.llm_engine.executor.procs)
+    os.kill(procs[1].pid, 9)
+    t0 = time.time()
+    with pytest.raises(ExecutorDeadError, match=r"worker rank 1 failed while running a step: its process died \(exit code -9"):
+        llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    assert time.time() - t0 < 30
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert not any(p.is_alive() for p in procs)   # the surviving rank was released too
+    with pytest.raises(ExecutorDeadError, match="the mp executor is dead: worker rank 1"):
+        llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    llm.shutdown()
+
+
+def _raise_on_rank_1(worker):
+    if worker.group.rank == 1:
+        raise MemoryError("simulated out of memory")
+    return worker.group.rank
+
+
+def test_mp_worker_exception_is_reported(tiny_llada_dir):
+    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
+    with pytest.raises(ExecutorDeadError, match="worker rank 1 failed while running _raise_on_rank_1: "
+                                                "MemoryError: simulated out of memory"):
+        llm.llm_engine.executor.collective_rpc(_raise_on_rank_1)
     llm.shutdown()
 
 

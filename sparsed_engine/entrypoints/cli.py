@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true")
     g.add_argument("--sequence-parallel-size", type=int, default=1,
                    help="spread each sequence over this many GPUs (Ulysses sequence parallelism)")
-    g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "ray"],
-                   help="default: uni for one GPU, ray for more")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "ray", "mp"],
+                   help="default: uni for one GPU, ray for more (mp: local processes, no Ray)")
     g.add_argument("--no-progress", action="store_true")
     return p
 

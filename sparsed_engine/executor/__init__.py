@@ -1,4 +1,5 @@
-"""Executors run the workers: `uni` in this process, `ray` one Ray actor per rank."""
+"""Executors run the workers: `uni` in this process, `ray` one Ray actor per rank, `mp` one local
+process per rank."""
 from __future__ import annotations
 
 from model_executor.worker import WorkerConfig
@@ -10,5 +11,8 @@ def make_executor(backend: str, worker_config: WorkerConfig) -> Executor:
     if backend == "ray":
         from sparsed_engine.executor.ray_executor import RayExecutor
         return RayExecutor(worker_config)
+    if backend == "mp":
+        from sparsed_engine.executor.mp_executor import MpExecutor
+        return MpExecutor(worker_config)
     from sparsed_engine.executor.uniproc import UniProcExecutor
     return UniProcExecutor(worker_config)

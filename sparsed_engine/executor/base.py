@@ -32,3 +32,26 @@ class Executor(ABC):
 
     def shutdown(self) -> None:
         """Release workers and devices."""
+
+
+class MultiRankExecutor(Executor):
+    """An executor of several ranks: the engine's pool calls become collective calls."""
+    dead: str | None = None   # why no call can run any more, once a worker failed or shutdown ran
+
+    @abstractmethod
+    def collective_rpc(self, method, *args) -> list:
+        """Run a Worker method (by name) or fn(worker, *args) on every rank; results in rank order."""
+
+    def available_pool_bytes(self, fraction: float) -> int:
+        return min(self.collective_rpc("available_pool_bytes", fraction))
+
+    def init_pool(self, spec: PoolSpec) -> None:
+        self.collective_rpc("init_pool", spec)
+
+    def pool_usage(self) -> dict:
+        usages = self.collective_rpc("pool_usage")
+        return {key: sum(u[key] for u in usages) for key in usages[0]}  # summed over ranks
+
+    def check_alive(self) -> None:
+        if self.dead is not None:
+            raise ExecutorDeadError(self.dead)

@@ -13,11 +13,10 @@ import socket
 
 import torch
 
-from attention_backends.base import PoolSpec
 from model_executor.parallel import DistributedInit
 from model_executor.step_input import StepInput
 from model_executor.worker import Worker, WorkerConfig
-from sparsed_engine.executor.base import Executor, ExecutorDeadError
+from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor
 
 PLACEMENT_TIMEOUT_S = 60       # the cluster lacks the GPUs asked for if they are not free by then
 FAILURE_GRACE_S = 2.0          # after one rank fails, wait this long for the others to report why
@@ -54,7 +53,7 @@ class RayWorker:
         return fn(self.worker, *args)
 
 
-class RayExecutor(Executor):
+class RayExecutor(MultiRankExecutor):
     def __init__(self, worker_config: WorkerConfig):
         import ray
         from ray.util.placement_group import placement_group
@@ -64,7 +63,6 @@ class RayExecutor(Executor):
         self.device = torch.device(worker_config.device)
         n = worker_config.sequence_parallel_size
         gpu = self.device.type == "cuda"
-        self._dead: str | None = None
         self.workers: list = []
         self._pg = None
         self._owns_ray = _connect(ray, n, gpu)
@@ -90,38 +88,24 @@ class RayExecutor(Executor):
             raise
 
     # ---------------------------------------------------------------- Executor
-    def available_pool_bytes(self, fraction: float) -> int:
-        return min(self.collective_rpc("available_pool_bytes", fraction))
-
-    def init_pool(self, spec: PoolSpec) -> None:
-        self.collective_rpc("init_pool", spec)
-
     def execute(self, step: StepInput) -> list[torch.Tensor]:
-        self._check_alive()
+        self.check_alive()
         ref = self._ray.put(step)  # serialised once, read by every rank
         logits = self._wait([w.execute.remote(ref) for w in self.workers], "running a step")[0]
         return [torch.tensor(a, device=self.device) for a in logits]  # a copy: Ray's arrays are read-only
 
-    def pool_usage(self) -> dict:
-        usages = self.collective_rpc("pool_usage")
-        return {key: sum(u[key] for u in usages) for key in usages[0]}  # summed over ranks
-
     def collective_rpc(self, method, *args) -> list:
         """Run a Worker method (by name) or fn(worker, *args) on every rank; results in rank order."""
-        self._check_alive()
+        self.check_alive()
         name = getattr(method, "__name__", method)
         return self._wait([w.call.remote(method, *args) for w in self.workers], f"running {name}")
 
     def shutdown(self) -> None:
-        if self._dead is None:
-            self._dead = "the Ray executor was shut down"
+        if self.dead is None:
+            self.dead = "the Ray executor was shut down"
         self._release()
 
     # ---------------------------------------------------------------- failures
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise ExecutorDeadError(self._dead)
-
     def _wait(self, refs: list, what: str) -> list:
         """Results of one call per rank; the first failure (an actor death preferred) kills the group."""
         ray = self._ray
@@ -135,10 +119,10 @@ class RayExecutor(Executor):
                 errors = {rank_of[ref]: e} | self._errors_within_grace(pending, rank_of)
                 rank, err = min(errors.items(),
                                 key=lambda kv: (not isinstance(kv[1], ray.exceptions.RayActorError), kv[0]))
-                self._dead = (f"the Ray executor is dead: worker rank {rank} failed while {what}: "
+                self.dead = (f"the Ray executor is dead: worker rank {rank} failed while {what}: "
                               f"{_describe(ray, err)}")
                 self._release()
-                raise ExecutorDeadError(self._dead) from err
+                raise ExecutorDeadError(self.dead) from err
         return results
 
     def _errors_within_grace(self, pending: list, rank_of: dict) -> dict:
