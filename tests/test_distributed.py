@@ -2,6 +2,7 @@
 processes, no Ray), and the Ray and mp executors end to end (outputs, a killed worker, shutdown)."""
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -266,6 +267,31 @@ def test_mp_worker_exception_is_reported(tiny_llada_dir):
     with pytest.raises(ExecutorDeadError, match="worker rank 1 failed while running _raise_on_rank_1: "
                                                 "MemoryError: simulated out of memory"):
         llm.llm_engine.executor.collective_rpc(_raise_on_rank_1)
+    llm.shutdown()
+
+
+def _hang_on_rank_1(worker):
+    if worker.group.rank == 1:
+        time.sleep(60)
+    return worker.group.rank
+
+
+@pytest.mark.parametrize("executor", ["mp", pytest.param("ray", marks=needs_ray)])
+def test_hung_worker_times_out(request, tiny_llada_dir, executor):
+    if executor == "ray":
+        request.getfixturevalue("ray_session")
+        # the actors cannot import this test module: send the function itself
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        request.addfinalizer(lambda: ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__]))
+    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend=executor)
+    llm.llm_engine.executor.timeout_s = 2.0
+    t0 = time.time()
+    with pytest.raises(ExecutorDeadError, match=f"the {executor.capitalize() if executor == 'ray' else executor} "
+                       r"executor is dead: worker rank 1 did not answer within 2 s while running _hang_on_rank_1"):
+        llm.llm_engine.executor.collective_rpc(_hang_on_rank_1)
+    assert time.time() - t0 < 20
+    with pytest.raises(ExecutorDeadError, match="did not answer"):
+        llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
     llm.shutdown()
 
 

@@ -1,6 +1,7 @@
 """What the engine asks of an executor; where the workers run is the executor's business."""
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
@@ -34,9 +35,19 @@ class Executor(ABC):
         """Release workers and devices."""
 
 
+def worker_timeout_s() -> float:
+    """How long a call on the ranks may take before the group is declared hung (a step at 64k
+    takes seconds; the first one also compiles kernels, and loading a model reads every weight)."""
+    return float(os.environ.get(WORKER_TIMEOUT_ENV, 600))
+
+
+WORKER_TIMEOUT_ENV = "SPARSED_WORKER_TIMEOUT_S"
+
+
 class MultiRankExecutor(Executor):
     """An executor of several ranks: the engine's pool calls become collective calls."""
     dead: str | None = None   # why no call can run any more, once a worker failed or shutdown ran
+    timeout_s: float          # set by each executor from worker_timeout_s()
 
     @abstractmethod
     def collective_rpc(self, method, *args) -> list:
@@ -55,3 +66,7 @@ class MultiRankExecutor(Executor):
     def check_alive(self) -> None:
         if self.dead is not None:
             raise ExecutorDeadError(self.dead)
+
+    def hung(self, ranks, what: str) -> str:
+        return (f"worker rank {', '.join(map(str, sorted(ranks)))} did not answer within {self.timeout_s:g} s "
+                f"while {what} (hung; {WORKER_TIMEOUT_ENV} sets the limit)")

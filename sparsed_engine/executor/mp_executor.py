@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import pickle
 import socket
+import time
 import traceback
 from multiprocessing.connection import wait
 
@@ -20,7 +21,7 @@ import torch
 from model_executor.parallel import DistributedInit
 from model_executor.step_input import StepInput
 from model_executor.worker import Worker, WorkerConfig
-from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor
+from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor, worker_timeout_s
 
 FAILURE_GRACE_S = 2.0   # after one rank fails, wait this long for the others to report why
 STOP_TIMEOUT_S = 10.0   # a rank asked to stop that has not exited by then is killed
@@ -88,6 +89,7 @@ def _describe(e: BaseException) -> str:
 class MpExecutor(MultiRankExecutor):
     def __init__(self, worker_config: WorkerConfig):
         self.device = torch.device(worker_config.device)
+        self.timeout_s = worker_timeout_s()
         n = worker_config.sequence_parallel_size
         gpus = None
         if self.device.type == "cuda":
@@ -141,10 +143,17 @@ class MpExecutor(MultiRankExecutor):
         return self._gather(f"running {getattr(method, '__name__', method)}" if method != "execute" else "running a step")
 
     def _gather(self, what: str) -> list:
-        """One answer per rank; the first failure (a death preferred) releases the group and raises."""
+        """One answer per rank; the first failure (a death preferred) or a rank still busy after
+        timeout_s releases the group and raises."""
         results, pending = [None] * len(self.procs), set(range(len(self.procs)))
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            rank, ok, value = self._next(pending, timeout=None)
+            got = self._next(pending, timeout=max(deadline - time.monotonic(), 0))
+            if got is None:
+                self.dead = f"the mp executor is dead: {self.hung(pending, what)}"
+                self._release()
+                raise ExecutorDeadError(self.dead)
+            rank, ok, value = got
             if ok:
                 results[rank] = value
                 pending.discard(rank)

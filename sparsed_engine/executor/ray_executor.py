@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 
 from model_executor.parallel import DistributedInit
 from model_executor.step_input import StepInput
 from model_executor.worker import Worker, WorkerConfig
-from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor
+from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor, worker_timeout_s
 
 PLACEMENT_TIMEOUT_S = 60       # the cluster lacks the GPUs asked for if they are not free by then
 FAILURE_GRACE_S = 2.0          # after one rank fails, wait this long for the others to report why
@@ -60,6 +61,7 @@ class RayExecutor(MultiRankExecutor):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._ray = ray
+        self.timeout_s = worker_timeout_s()
         self.device = torch.device(worker_config.device)
         n = worker_config.sequence_parallel_size
         gpu = self.device.type == "cuda"
@@ -107,12 +109,19 @@ class RayExecutor(MultiRankExecutor):
 
     # ---------------------------------------------------------------- failures
     def _wait(self, refs: list, what: str) -> list:
-        """Results of one call per rank; the first failure (an actor death preferred) kills the group."""
+        """Results of one call per rank; the first failure (an actor death preferred) or a rank
+        still busy after timeout_s kills the group."""
         ray = self._ray
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results, pending = [None] * len(refs), list(refs)
+        deadline = time.monotonic() + self.timeout_s
         while pending:
-            (ref,), pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+            if not done:
+                self.dead = f"the Ray executor is dead: {self.hung([rank_of[r] for r in pending], what)}"
+                self._release()
+                raise ExecutorDeadError(self.dead)
+            (ref,) = done
             try:
                 results[rank_of[ref]] = ray.get(ref)
             except ray.exceptions.RayError as e:
