@@ -295,6 +295,12 @@ def test_hung_worker_times_out(request, tiny_llada_dir, executor):
     llm.shutdown()
 
 
+def test_bad_worker_timeout_fails_before_work(tiny_llada_dir, monkeypatch):
+    monkeypatch.setenv("SPARSED_WORKER_TIMEOUT_S", "soon")
+    with pytest.raises(ValueError, match="SPARSED_WORKER_TIMEOUT_S='soon': must be a number of seconds > 0"):
+        LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
+
+
 def test_skip_tokenizer_init_takes_token_ids(tiny_llada_dir):
     """What benchmarks/distributed.py relies on: a model folder with no tokenizer use."""
     llm = LLM(model=str(tiny_llada_dir), skip_tokenizer_init=True)

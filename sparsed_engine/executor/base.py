@@ -38,7 +38,14 @@ class Executor(ABC):
 def worker_timeout_s() -> float:
     """How long a call on the ranks may take before the group is declared hung (a step at 64k
     takes seconds; the first one also compiles kernels, and loading a model reads every weight)."""
-    return float(os.environ.get(WORKER_TIMEOUT_ENV, 600))
+    raw = os.environ.get(WORKER_TIMEOUT_ENV, "600")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{WORKER_TIMEOUT_ENV}={raw!r}: must be a number of seconds > 0")
+    return value
 
 
 WORKER_TIMEOUT_ENV = "SPARSED_WORKER_TIMEOUT_S"
