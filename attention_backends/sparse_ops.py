@@ -1,4 +1,4 @@
-"""Which implementation runs SparseD's two operations: Triton on CUDA, plain torch elsewhere.
+"""Which implementation runs SparseD's operations: Triton on CUDA, plain torch elsewhere.
 
 Imports are lazy so that a machine without Triton still runs the torch path.
 """
@@ -32,3 +32,13 @@ def importance(q, k, scale, block_size, gen_block, kernel="auto", lse=None):
     else:
         from attention_backends.ops.block_importance_ref import block_importance_ref as fn
     return fn(q, k, scale, block_size, gen_block, lse=lse)
+
+
+def pattern_lists(bits, nk: int, width: int, kernel="auto"):
+    """(kv_num [H, nq], kv_idx [H, nq, width]) of a stored pattern, packed uint8 [H, nq, ceil(nk/8)]."""
+    if kernel in ("auto", "flex", "triton") and _triton_ok(bits):
+        from attention_backends.ops.pattern_lists import pattern_lists as fn
+        return fn(bits, nk, width)
+    from attention_backends.sparsed_pattern import kv_lists, unpack_bits
+    num, idx = kv_lists(unpack_bits(bits, nk))
+    return num, torch.nn.functional.pad(idx, (0, width - idx.shape[-1]))

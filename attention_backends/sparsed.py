@@ -6,12 +6,10 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 
 from attention_backends.base import DENSE, SELECT, SPARSE, AttentionBackend, AttentionLayout, PoolSpec, RowSpec
 from attention_backends.sdpa import dense_attention, dense_attention_lse
-from attention_backends.sparsed_pattern import (generation_block, kv_lists, pack_bits, select_tiles,
-                                                unpack_bits)
+from attention_backends.sparsed_pattern import generation_block, pack_bits, select_tiles, unpack_bits
 from attention_backends import sparse_ops
 
 KERNELS = ("auto", "triton", "flex", "torch")
@@ -121,12 +119,15 @@ class SparseDBackend(AttentionBackend):
         buf[:bits.numel()] = bits
         self.pool[ids] = buf.view(ids.numel(), self.block_bytes)
 
-    def load_tiles(self, row: _Row, layer: int) -> torch.Tensor:
-        """The stored pattern of one row and layer: bool [H, nb, nb]."""
+    def load_bits(self, row: _Row, layer: int) -> torch.Tensor:
+        """The stored pattern of one row and layer, packed: uint8 [H, nb, ceil(nb / 8)]."""
         h, nb = self.layout.num_heads, row.nb
         nbytes = h * nb * (-(-nb // 8))
-        bits = self.pool[row.blocks[layer]].flatten()[:nbytes]
-        return unpack_bits(bits.view(h, nb, -1), nb)
+        return self.pool[row.blocks[layer]].flatten()[:nbytes].view(h, nb, -1)
+
+    def load_tiles(self, row: _Row, layer: int) -> torch.Tensor:
+        """The stored pattern of one row and layer: bool [H, nb, nb]."""
+        return unpack_bits(self.load_bits(row, layer), row.nb)
 
     # ---------------------------------------------------------------- per step
     def build_metadata(self, rows: list[RowSpec]) -> SparseDMetadata:
@@ -187,10 +188,10 @@ class SparseDBackend(AttentionBackend):
 
     def _sparse(self, q, k, v, g: _SparseGroup, layer: int, out: torch.Tensor) -> None:
         """One call over exactly the kept tiles of a group's rows."""
-        lists = [kv_lists(self.load_tiles(r, layer)) for r in g.rows]
-        width = max(i.shape[-1] for _, i in lists)
+        width = max(r.nb for r in g.rows)  # room for any pattern: no count, so no wait for the GPU
+        lists = [sparse_ops.pattern_lists(self.load_bits(r, layer), r.nb, width, g.kernel) for r in g.rows]
         kv_num = torch.cat([n for n, _ in lists], dim=1)
-        kv_idx = torch.cat([F.pad(i, (0, width - i.shape[-1])) for _, i in lists], dim=1)
+        kv_idx = torch.cat([i for _, i in lists], dim=1)
         if g.span is not None:  # the usual case: a slice, no gather or scatter
             s, e = g.span
             out[s:e] = sparse_ops.block_sparse(q[s:e], k[s:e], v[s:e], g.cu_seqlens, g.q_block_offsets,

@@ -128,7 +128,7 @@ def test_pattern_selected_once_and_read_every_later_step(engines, monkeypatch):
     backend = sparse.llm_engine.executor.worker.backend
     layers = backend.layout.num_layers
     calls = {"choose": 0, "load": 0}
-    for name, key in (("_choose", "choose"), ("load_tiles", "load")):
+    for name, key in (("_choose", "choose"), ("load_bits", "load")):
         orig = getattr(backend, name)
         monkeypatch.setattr(backend, name, lambda *a, _o=orig, _k=key: (calls.__setitem__(_k, calls[_k] + 1), _o(*a))[1])
     out = sparse.generate(PROMPT, SamplingParams(max_tokens=32, steps=20, block_length=32), use_tqdm=False)
