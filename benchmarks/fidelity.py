@@ -26,7 +26,7 @@ sliding window (a band around the diagonal keeping, per head and query block, ex
 key blocks as SparseD keeps). Prints a table, writes a PNG and JSON under --out, and appends the
 table to benchmarks/RESULTS.md with the device name and date.
 
-    python -m benchmarks.fidelity                       # GPU, full scale (~3 min on an H100)
+    python -m benchmarks.fidelity                       # GPU, full scale (~45 s a setting on an H200, ~7 min)
     python -m benchmarks.fidelity --small --device cpu  # CPU, small scale (~3 min)
 """
 from __future__ import annotations
