@@ -20,7 +20,7 @@ from torch import nn
 
 from attention_backends.base import AttentionBackend, AttentionLayout
 from model_executor.layers.rms_norm import RMSNorm
-from model_executor.models import resolve_model_class
+from model_executor.families import resolve_family
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ModelInfo:
     config: dict
     generation_config: dict
     model_class: type
-    family: str                       # "llada" | "dream"
+    family: str                       # the ModelFamily's name (model_executor.families)
     mask_token_id: int
     eos_token_ids: tuple[int, ...]    # config.json's and generation_config.json's, in that order
     vocab_size: int                   # config vocab_size (LLaDA logits span embedding_size >= this)
@@ -79,7 +79,8 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     gen_path = path / "generation_config.json"
     generation_config = _read_json(gen_path, required=False)
     try:
-        cls = resolve_model_class(config)
+        family = resolve_family(config)
+        cls = family.model_class
         args = cls.parse_config(config)
         layout = cls.attention_layout(config)
     except ValueError as e:
@@ -92,7 +93,7 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         mask = cls.default_mask_token_id
     if mask is None:
         raise ValueError(f"{config_path}: mask_token_id is absent (also from {gen_path.name}); "
-                         f"a {cls.family} model needs it to build canvases")
+                         f"a {family.name} model needs it to build canvases")
     if not isinstance(mask, int) or not 0 <= mask < args.logits_size:
         raise ValueError(f"{config_path}: mask_token_id={mask!r} is outside the model's "
                          f"{args.logits_size} token embeddings")
@@ -101,7 +102,7 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     eos += _token_ids(generation_config.get("eos_token_id"), str(gen_path))
     return ModelInfo(
         path=path, config=config, generation_config=generation_config, model_class=cls,
-        family=cls.family, mask_token_id=mask, eos_token_ids=tuple(dict.fromkeys(eos)),
+        family=family.name, mask_token_id=mask, eos_token_ids=tuple(dict.fromkeys(eos)),
         vocab_size=args.vocab_size, max_model_len=args.max_len,
         torch_dtype=config.get("torch_dtype") or config.get("dtype"), attention_layout=layout)
 

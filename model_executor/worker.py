@@ -12,10 +12,12 @@ import torch
 
 from attention_backends.base import PoolSpec
 from attention_backends.registry import get_backend_class
+from model_executor.families import get_family
 from model_executor.model_loader import load_model, read_model_info
 from model_executor.model_runner import ModelRunner
 from model_executor.parallel import DistributedInit, SequenceParallelGroup, UlyssesBackend, rank_layout
-from model_executor.step_input import StepInput
+from model_executor.sampler import Sampler
+from model_executor.step_input import SampledTokens, StepInput
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Worker:
         self.backend = backend
         self.model = load_model(info, backend, config.dtype, self.device, config.load_format)
         self.runner = ModelRunner(self.model, self.backend, self.device, self.group)
+        self.sampler = Sampler(get_family(info.family).denoiser, self.device)  # used on rank 0 only
 
     def available_pool_bytes(self, fraction: float) -> int:
         if self.device.type == "cuda":
@@ -59,9 +62,18 @@ class Worker:
     def pool_usage(self) -> dict:
         return self.backend.pool_usage()
 
-    def execute(self, step: StepInput) -> list[torch.Tensor] | None:
-        """Logits per row; None on sequence-parallel ranks other than 0."""
-        return self.runner.run(step)
+    def execute(self, step: StepInput) -> list[SampledTokens] | list[torch.Tensor] | None:
+        """Rank 0 (or the single worker): what each request committed, as plain CPU data (or,
+        when the step asks for no sampling, every row's logits on the CPU). None on other ranks."""
+        self.sampler.free(step.finished_seq_ids)
+        if not step.rows:
+            return [] if self.group is None or self.group.rank == 0 else None
+        logits = self.runner.run(step)
+        if logits is None:
+            return None
+        if step.sampling is None:
+            return [t.cpu() for t in logits]
+        return self.sampler.sample(step.rows, logits, step.sampling)
 
     def close(self) -> None:
         """Leave the sequence-parallel group (so this process may join another)."""

@@ -1,6 +1,7 @@
 """The user-facing entry point: `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
 from typing import Sequence as Seq
@@ -31,6 +32,7 @@ class LLM:
         self.llm_engine = LLMEngine(EngineConfig(model=str(model or DEFAULT_MODEL), **kwargs))
         # holds the engine, not self, so an unused LLM can still be collected (and shut down then)
         self._finalizer = weakref.finalize(self, self.llm_engine.shutdown)
+        self._lock = threading.Lock()   # one generate at a time: each steps every request in the engine
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -40,8 +42,14 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts.
 
-        Every request is checked before any is queued, so a bad one loses nothing.
+        Every request is checked before any is queued, so a bad one loses nothing. A request that
+        fails while it runs comes back with finish_reason "error" and its `error`; the others
+        complete. Calls from several threads run one after another, each getting its own outputs.
         """
+        with self._lock:
+            return self._generate(prompts, sampling_params, use_tqdm)
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if not self._finalizer.alive:
             raise RuntimeError("this LLM was shut down; create a new one")
         prompts = _as_prompt_list(prompts)

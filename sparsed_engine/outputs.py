@@ -9,7 +9,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # "stop" (EOS, stop token or stop string), "length", "abort"
+    finish_reason: str | None = None   # "stop" (EOS, stop token or stop string), "length", "abort", "error"
     stop_reason: int | str | None = None  # the stop token id or stop string; None for EOS
 
 
@@ -36,3 +36,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     metrics: RequestMetrics | None = None
+    error: str | None = None   # why the request failed (finish_reason "error"); the others are unaffected

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from sparsed_engine import LLM, SamplingParams
-from sparsed_engine.engine.unmasking import dream_transfer_count, llada_transfer_schedule
+from model_executor.denoisers.dream import dream_transfer_count
+from model_executor.denoisers.llada import llada_transfer_schedule
 
 
 def test_llada_schedule_literal():

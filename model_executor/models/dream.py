@@ -4,7 +4,7 @@ Mirrors the official `modeling_dream.py`: pre-norm RMSNorm layers, q/k/v project
 bias and grouped KV heads, RoPE with cos/sin cast to the activation dtype, no causal mask,
 SwiGLU MLP, final `norm`, `lm_head` (or the tied embedding). Dream was adapted from an
 autoregressive model, so the logit for canvas position i is read from hidden state i-1
-(`logits_shift = 1`; the official generate does `cat([logits[:, :1], logits[:, :-1]], 1)`).
+(its denoiser's `logits_shift = 1`; the official generate does `cat([logits[:, :1], logits[:, :-1]], 1)`).
 """
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention_backends.base import AttentionBackend, AttentionLayout
+from model_executor.denoisers.dream import DreamDenoiser
 from model_executor.layers.mlp import swiglu
 from model_executor.layers.rms_norm import RMSNorm
 from model_executor.layers.rotary import apply_rotary, rotary_cos_sin
 from model_executor.layers.weights import load_named_tensors
+from model_executor.models.base import DiffusionLM, ModelFamily
 
 
 def _require(config: dict, key: str) -> Any:
@@ -117,9 +119,8 @@ class DreamDecoderLayer(nn.Module):
         return x + self.mlp(h)
 
 
-class DreamModel(nn.Module):
-    family = "dream"
-    logits_shift = 1
+class DreamModel(DiffusionLM):
+    logits_shift = DreamDenoiser.logits_shift
     default_mask_token_id = None   # must come from config.json / generation_config.json
 
     def __init__(self, config: dict, backend: AttentionBackend):
@@ -161,3 +162,7 @@ class DreamModel(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # Older Qwen2-format exports may carry the (recomputed, never learned) RoPE buffer.
         load_named_tensors(self, weights, ignore_suffixes=("rotary_emb.inv_freq",))
+
+
+DREAM = ModelFamily("dream", DreamModel, DreamDenoiser(),
+                      architectures=("DreamModel",), model_types=("dream",))

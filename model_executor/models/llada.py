@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attention_backends.base import AttentionBackend, AttentionLayout
+from model_executor.denoisers.llada import LLaDADenoiser
 from model_executor.layers.mlp import swiglu
 from model_executor.layers.rms_norm import RMSNorm
 from model_executor.layers.rotary import apply_rotary, rotary_cos_sin
 from model_executor.layers.weights import load_named_tensors
+from model_executor.models.base import DiffusionLM, ModelFamily
 
 
 def _require(config: dict, key: str) -> Any:
@@ -120,9 +122,8 @@ class LLaDABlock(nn.Module):
         return x + swiglu(h, self.ff_proj, self.up_proj, self.ff_out)
 
 
-class LLaDAModelLM(nn.Module):
-    family = "llada"
-    logits_shift = 0
+class LLaDAModelLM(DiffusionLM):
+    logits_shift = LLaDADenoiser.logits_shift
     default_mask_token_id = 126336   # the id the official generate.py hard-codes
 
     def __init__(self, config: dict, backend: AttentionBackend):
@@ -170,3 +171,7 @@ class LLaDAModelLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_tensors(self, weights)
+
+
+LLADA = ModelFamily("llada", LLaDAModelLM, LLaDADenoiser(),
+                      architectures=("LLaDAModelLM",), model_types=("llada",))

@@ -4,26 +4,21 @@ from __future__ import annotations
 import itertools
 import time
 
-import torch
-
-from attention_backends.base import PoolSpec, RowSpec
+from attention_backends.base import SELECT, PoolSpec, RowSpec
 from attention_backends.registry import get_backend_class, selected_backend_name
+from model_executor.families import get_family
 from model_executor.model_loader import load_tokenizer, read_model_info
 from model_executor.parallel import rank_layout
 from model_executor.step_input import RowInput, StepInput
 from model_executor.worker import WorkerConfig
 from sparsed_engine.config import EngineConfig
-from sparsed_engine.engine import unmasking
 from sparsed_engine.engine.block_manager import BlockManager
 from sparsed_engine.engine.scheduler import Scheduler
 from sparsed_engine.engine.sequence import Sequence
+from sparsed_engine.engine.stop import stop_string_cut
 from sparsed_engine.executor import make_executor
 from sparsed_engine.outputs import CompletionOutput, RequestOutput
-from sparsed_engine.sampling_params import DREAM_POLICIES, LLADA_POLICIES, SamplingParams
-
-_POLICIES = {"llada": LLADA_POLICIES, "dream": DREAM_POLICIES}
-# generation_config key of each family's default policy, and the reference code's default
-_DEFAULT_POLICY = {"llada": ("remasking", "low_confidence"), "dream": ("alg", "origin")}
+from sparsed_engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
 
@@ -32,6 +27,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.info = read_model_info(config.model)
+        self.denoiser = get_family(self.info.family).denoiser   # the engine never names a family
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model, config.trust_remote_code))
         self.backend_name = selected_backend_name(config.attention_backend)
@@ -60,29 +56,23 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._ids = itertools.count()
+        self._finished_seq_ids: list[int] = []   # told to the workers with the next step
 
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         """Check one request completely (raising ValueError naming the bad value) without queuing it."""
+        if request_id is not None:
+            self._check_unique(request_id)
         text, ids = self._prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"SamplingParams.stop={params.stop!r} needs the tokenizer, "
                              f"which skip_tokenizer_init=True left out")
-        family = self.info.family
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{len(ids) + params.max_tokens} exceeds the model's limit of {self.max_model_len} tokens; "
                 f"raise it with LLM(max_model_len=...) (SparseD targets contexts far beyond training length)")
-        policy = params.unmasking
-        if policy is None:
-            key, fallback = _DEFAULT_POLICY[family]
-            policy = self.info.generation_config.get(key, fallback)
-        if policy not in _POLICIES[family]:
-            raise ValueError(f"SamplingParams.unmasking={policy!r} is not a {family} policy; "
-                             f"choose from {_POLICIES[family]}")
-        if params.alg_temp and family != "dream":
-            raise ValueError(f"SamplingParams.alg_temp={params.alg_temp!r} applies to Dream models only")
+        policy = self.denoiser.resolve_policy(params, self.info.generation_config)
         attn_cfg = self.backend_cls.resolve_config(self.config.attention_config, params.attention_config)
         rows = 2 if params.cfg_scale > 0 else 1
         blocks = rows * self.backend_cls.pattern_blocks_needed(
@@ -93,8 +83,17 @@ class LLMEngine:
             raise ValueError(
                 f"the request's sparse pattern needs {blocks} pool blocks ({blocks * bm.block_bytes} bytes) "
                 f"but the pattern pool holds {bm.num_blocks}; raise LLM(mask_pool_bytes=...)")
-        rid = request_id if request_id is not None else str(next(self._ids))
-        return Sequence(rid, text, ids, params, family, policy, self.info.mask_token_id, attn_cfg, blocks)
+        rid = request_id if request_id is not None else self._new_id()
+        return Sequence(rid, text, ids, params, self.denoiser, policy, self.info.mask_token_id, attn_cfg, blocks)
+
+    def _new_id(self) -> str:
+        live = self.scheduler.request_ids()
+        return next(rid for rid in map(str, self._ids) if rid not in live)
+
+    def _check_unique(self, request_id: str) -> None:
+        if request_id in self.scheduler.request_ids():
+            raise ValueError(f"request_id={request_id!r} is already running or waiting; "
+                             f"request ids must be unique among unfinished requests")
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -126,74 +125,93 @@ class LLMEngine:
         return seq.request_id
 
     def add_sequence(self, seq: Sequence) -> None:
+        self._check_unique(seq.request_id)   # again: another may have been added since make_sequence
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self.scheduler.abort(request_id)
-        return self._output(seq) if seq is not None else None
+        if seq is None:
+            return None
+        self._finished_seq_ids.append(seq.seq_id)
+        return self._output(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ---------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
-        """One denoising step of every running request; returns the requests that finished."""
+        """One denoising step of every running request; returns the requests that finished.
+
+        Rank 0's worker samples (the logits never leave it) and returns, per request, the
+        positions it committed and their token ids. A request whose sampling raised finishes
+        with finish_reason "error" and its error; the others go on.
+        """
         batch = self.scheduler.schedule()
-        rows, owners = [], []
+        rows, sampling, owners = [], [], []
         for seq, phase in batch:
             positions = seq.masked_positions()
-            if not seq.needs_forward(phase, positions.numel()):
-                continue
+            n, p = seq.transfer_plan(positions.numel())
+            if phase != SELECT and n == 0 and p == 0:
+                continue  # commits nothing and selects no pattern: nothing would change
             per_row = len(seq.pattern_blocks) // seq.num_rows
             for r, canvas in enumerate(seq.rows()):
                 spec = RowSpec(canvas.numel(), seq.prompt_len, phase,
                                seq.pattern_blocks[r * per_row:(r + 1) * per_row], seq.attention_config)
                 rows.append(RowInput(canvas, positions, spec))
-            owners.append((seq, positions))
-        logits = self.executor.execute(StepInput(rows)) if rows else []
-        row = 0
-        for seq, positions in owners:
-            seq_logits = logits[row]
-            if seq.num_rows == 2:  # classifier-free guidance
-                uncond = logits[row + 1]
-                seq_logits = uncond + (seq.params.cfg_scale + 1) * (seq_logits - uncond)
-            row += seq.num_rows
-            self._commit(seq, positions, seq_logits)
+            sampling.append(seq.sampling(n, p))
+            owners.append(seq)
+        if rows:
+            results = self._execute(StepInput(rows, sampling, list(self._finished_seq_ids)))
+            for seq, res in zip(owners, results):
+                if res.error is not None:
+                    seq.fail(res.error)
+                else:
+                    seq.commit(res.positions, res.token_ids)
         for seq, _ in batch:
-            seq.advance()
-            seq.metrics.steps += 1
-        return [self._output(seq) for seq in self.scheduler.update()]
+            if not seq.is_finished:
+                seq.advance()
+                seq.metrics.steps += 1
+        finished = self.scheduler.update()
+        self._finished_seq_ids += [seq.seq_id for seq in finished]
+        if self._finished_seq_ids and not self.scheduler.has_unfinished():
+            self._execute(StepInput([], [], list(self._finished_seq_ids)))  # free their generators now
+        return [self._output(seq) for seq in finished]
 
-    def _commit(self, seq: Sequence, positions: torch.Tensor, logits: torch.Tensor) -> None:
-        n, p_transfer = seq.transfer_plan(positions.numel())
-        gen = seq.generator(logits.device)
-        if seq.family == "llada":
-            idx, tokens = unmasking.llada_unmask(logits, n, seq.params, seq.policy, gen)
-        else:
-            idx, tokens = unmasking.dream_unmask(logits, n, p_transfer, seq.params, seq.policy, gen)
-        seq.commit(positions[idx.cpu()], tokens)
+    def _execute(self, step: StepInput) -> list:
+        results = self.executor.execute(step)
+        # only once a worker got them: ids are never reused, so sending them twice is harmless
+        del self._finished_seq_ids[:len(step.finished_seq_ids)]
+        return results
 
     # ---------------------------------------------------------------- outputs
     def _output(self, seq: Sequence) -> RequestOutput:
-        ids = seq.generated_token_ids()
+        """The first EOS or stop token ends the output (it is dropped); a stop string ends the text
+        where it begins and the token ids before the token it begins in. A failed request
+        ("error") keeps no tokens."""
+        ids = seq.generated_token_ids() if seq.finish_reason != "error" else []
         finish, stop_reason = seq.finish_reason, None
+        final = finish not in ("abort", "error")
         stops = self.eos_token_ids | set(seq.params.stop_token_ids)
         cut = next((i for i, t in enumerate(ids) if t in stops), None)
-        if cut is not None and finish != "abort":
+        if cut is not None and final:
             finish = "stop"
             stop_reason = ids[cut] if ids[cut] in seq.params.stop_token_ids else None
             ids = ids[:cut]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        text = self._decode(ids)
         hits = [(text.find(s), s) for s in seq.params.stop if s in text]
-        if hits and finish != "abort":
+        if hits and final:
             pos, s = min(hits)
+            ids = ids[:stop_string_cut(self._decode, ids, pos)]
             text, finish, stop_reason = text[:pos], "stop", s
         seq.metrics.finished_time = time.time()
         seq.metrics.num_generated_tokens = len(ids)
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
             outputs=[CompletionOutput(0, text, ids, finish, stop_reason)], finished=True,
-            metrics=seq.metrics)
+            metrics=seq.metrics, error=seq.error)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def get_stats(self) -> dict:
         return {"backend": self.backend_name,

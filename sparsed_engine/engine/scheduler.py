@@ -27,6 +27,9 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def request_ids(self) -> set[str]:
+        return {s.request_id for s in self.waiting} | {s.request_id for s in self.running}
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -78,4 +81,5 @@ class Scheduler:
                     seq.status = SequenceStatus.FINISHED
                     seq.finish_reason = "abort"
                     return seq
+        self.block_manager.free(request_id)  # blocks of a request lost mid-admission (an interrupt)
         return None

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import time
 
 import torch
 
-from attention_backends.base import SELECT
-from sparsed_engine.engine import unmasking
+from model_executor.denoisers.base import Denoiser
+from model_executor.step_input import RequestSampling
 from sparsed_engine.outputs import RequestMetrics
 from sparsed_engine.sampling_params import SamplingParams
 
@@ -23,16 +24,19 @@ class Sequence:
     """Prompt tokens followed by `max_tokens` mask tokens, decoded block by block.
 
     `step` counts denoising steps over the whole request (across blocks), as SparseD counts them.
+    Its family's denoiser says how many tokens each step commits; rank 0's worker chooses them.
     """
+    _seq_ids = itertools.count()   # unique in this process, unlike request ids, which may be reused
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, family: str, policy: str, mask_token_id: int,
+                 params: SamplingParams, denoiser: Denoiser, policy: str, mask_token_id: int,
                  attention_config, pattern_blocks: int):
         self.request_id = request_id
+        self.seq_id = next(Sequence._seq_ids)
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
-        self.family = family
+        self.denoiser = denoiser
         self.policy = policy
         self.mask_token_id = mask_token_id
         self.attention_config = attention_config
@@ -43,12 +47,11 @@ class Sequence:
                                    dtype=torch.long)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.step = 0
         self.block = 0
         self.step_in_block = 0
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
-        self._generators: dict[torch.device, torch.Generator] = {}
-        self._schedule = self._block_schedule()
         self.metrics = RequestMetrics(arrival_time=time.time())
 
     # ---------------------------------------------------------------- shape
@@ -86,34 +89,26 @@ class Sequence:
         return [self.canvas, uncond]
 
     # ---------------------------------------------------------------- schedule
-    def _block_schedule(self) -> list[int] | None:
-        if self.family != "llada":
-            return None  # Dream recounts the masked tokens at every step
-        return unmasking.llada_transfer_schedule(self.params.block_length, self.params.steps_per_block)
-
     def transfer_plan(self, num_masked: int) -> tuple[int, float]:
-        """(tokens to commit, origin's per-position probability) at the current step."""
-        spb, i = self.params.steps_per_block, self.step_in_block
-        if self._schedule is not None:
-            return self._schedule[i], 0.0
-        return (unmasking.dream_transfer_count(num_masked, i, spb, self.params.eps),
-                unmasking.dream_transfer_prob(i, spb, self.params.eps))
+        """(tokens to commit, per-position commit probability) at the current step."""
+        return self.denoiser.transfer(num_masked, self.step_in_block, self.params)
 
-    def needs_forward(self, phase: str, num_masked: int) -> bool:
-        """A step that commits nothing and selects no pattern changes nothing: skip its forward."""
-        if phase == SELECT:
-            return True
-        n, p = self.transfer_plan(num_masked)
-        return n > 0 or p > 0
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def sampling(self, num_transfer: int, transfer_prob: float) -> RequestSampling:
+        """What rank 0's worker needs to commit this step's tokens."""
+        p = self.params
+        return RequestSampling(
+            request_id=self.request_id, seq_id=self.seq_id, seed=self.seed, policy=self.policy,
+            num_transfer=num_transfer, transfer_prob=transfer_prob, temperature=p.temperature,
+            top_p=p.top_p, top_k=p.top_k, alg_temp=p.alg_temp, cfg_scale=p.cfg_scale, num_rows=self.num_rows)
 
     # ---------------------------------------------------------------- progress
-    def commit(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.canvas[positions.cpu()] = tokens.cpu()
+    def commit(self, positions: list[int], tokens: list[int]) -> None:
+        self.canvas[torch.tensor(positions, dtype=torch.long)] = torch.tensor(tokens, dtype=torch.long)
+
+    def fail(self, error: str) -> None:
+        """This request's step raised (on the worker): it ends here, the others go on."""
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason, self.error = "error", error
 
     def advance(self) -> None:
         self.step += 1
@@ -121,7 +116,6 @@ class Sequence:
         if self.step_in_block == self.params.steps_per_block:
             self.block += 1
             self.step_in_block = 0
-            self._schedule = self._block_schedule()
         if self.block == self.params.num_blocks:
             self.status = SequenceStatus.FINISHED
             self.finish_reason = self.finish_reason or "length"

@@ -1,0 +1,57 @@
+"""The contract of a model family's denoiser: its unmasking policies (names, default, validation),
+its transfer schedule, its logits shift and its unmasking step.
+
+The engine asks a denoiser, on the driver, which policy a request uses and how many tokens each
+step commits; rank 0's worker asks it, where the logits are, which positions to commit and with
+which tokens. The engine never branches on a family's name: all that differs lives here.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from model_executor.step_input import RequestSampling
+
+
+class Denoiser(ABC):
+    name: ClassVar[str]                  # the family, as errors name it ("not a llada policy")
+    policies: ClassVar[tuple[str, ...]]  # unmasking policies, by the name SamplingParams.unmasking takes
+    policy_key: ClassVar[str]            # generation_config.json key naming the checkpoint's default
+    default_policy: ClassVar[str]        # the reference code's default when the checkpoint names none
+    logits_shift: ClassVar[int] = 0      # logits of position i come from hidden row i - logits_shift
+
+    def resolve_policy(self, params: Any, generation_config: dict) -> str:
+        """The policy a request runs (its own, else the checkpoint's, else the reference's), after
+        checking it and the family's settings; ValueError naming the bad value. `params` is a
+        SamplingParams (read by attribute: model_executor does not import the engine)."""
+        policy = params.unmasking
+        if policy is None:
+            policy = generation_config.get(self.policy_key, self.default_policy)
+        if policy not in self.policies:
+            source = "SamplingParams.unmasking" if params.unmasking is not None else \
+                f"generation_config.json {self.policy_key}"
+            raise ValueError(f"{source}={policy!r} is not a {self.name} policy; choose from {self.policies}")
+        self.check(params, policy)
+        return policy
+
+    def check(self, params: Any, policy: str) -> None:
+        """Family-specific settings (e.g. Dream's alg_temp and eps); ValueError naming the value."""
+
+    @abstractmethod
+    def transfer(self, num_masked: int, step_in_block: int, params: Any) -> tuple[int, float]:
+        """(tokens to commit, per-position commit probability) at this step of the current block,
+        which still has `num_masked` masked positions. A step with (0, 0.0) commits nothing."""
+
+    @abstractmethod
+    def unmask(self, logits: torch.Tensor, s: RequestSampling,
+               gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Given float32 logits [M, vocab] of the block's masked positions (canvas order), return
+        (indices into those M, chosen token ids) to commit. Runs on the device of the logits."""
+
+
+def finite_at_least_zero(name: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"SamplingParams.{name}={value!r}: must be None or a finite number >= 0")
