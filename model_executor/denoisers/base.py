@@ -28,8 +28,8 @@ class Denoiser(ABC):
         checking it and the family's settings; ValueError naming the bad value. `params` is a
         SamplingParams (read by attribute: model_executor does not import the engine)."""
         policy = params.unmasking
-        if policy is None:
-            policy = generation_config.get(self.policy_key, self.default_policy)
+        if policy is None:   # a key present but null counts as absent
+            policy = generation_config.get(self.policy_key) or self.default_policy
         if policy not in self.policies:
             source = "SamplingParams.unmasking" if params.unmasking is not None else \
                 f"generation_config.json {self.policy_key}"
