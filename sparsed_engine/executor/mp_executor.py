@@ -29,7 +29,7 @@ STOP_TIMEOUT_S = 10.0   # a rank asked to stop that has not exited by then is ki
 MAIN_GUARD_EXIT = 87
 MAIN_GUARD_HELP = ("the script that created the LLM ran again in each rank's process, which imports "
                    "the main module: create the LLM under `if __name__ == \"__main__\":` (as every "
-                   "script that starts processes must with distributed_executor_backend=\"mp\")")
+                   "script must when distributed_executor_backend=\"mp\" starts processes)")
 
 
 def _send(conn, obj) -> None:
