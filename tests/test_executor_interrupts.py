@@ -15,7 +15,7 @@ try:
 except ImportError:
     ray = None
 
-ROUNDS = 8
+ROUNDS = 6
 KW = dict(attention_backend="sparsed", attention_config={"block_size": 16}, mask_pool_bytes=1 << 20)
 PROMPTS = [list(range(5, 42)), list(range(50, 63))]
 PARAMS = [SamplingParams(max_tokens=64, steps=8, block_length=32),

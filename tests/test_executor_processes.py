@@ -67,6 +67,30 @@ def _raise_on_rank_1(worker):
     return _rank(worker)
 
 
+def _explode():
+    raise RuntimeError("this answer cannot be read here")
+
+
+class _Unreadable:
+    """Pickled fine by a rank; unpickling it in the driver raises."""
+
+    def __reduce__(self):
+        return _explode, ()
+
+
+def _unreadable(worker):
+    return _Unreadable()
+
+
+def test_mp_answers_of_a_call_cut_short_are_not_taken_for_the_next(tiny_llada_dir):
+    """The driver fails reading rank 0's (or 1's) answer; the other answer, left in its pipe, carries
+    the old call id and is dropped, so the next call gets its own answers."""
+    with LLM(model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="mp") as llm:
+        with pytest.raises(RuntimeError, match="this answer cannot be read here"):
+            llm.llm_engine.executor.collective_rpc(_unreadable)
+        assert llm.llm_engine.executor.collective_rpc(_rank) == [0, 1]
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=200 << 20)

@@ -13,6 +13,7 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import sys
 import time
 from multiprocessing.connection import wait
@@ -25,6 +26,7 @@ from sparsed_engine.executor.base import MultiRankExecutor, died
 from sparsed_engine.executor.worker_call import call_worker, describe
 
 STOP_TIMEOUT_S = 10.0   # a rank asked to stop that has not exited by then is killed
+CALL_ID = struct.Struct("<q")
 # The exit status of a rank's process that found itself re-running the user's script (below).
 MAIN_GUARD_EXIT = 87
 MAIN_GUARD_HELP = ("the script that created the LLM ran again in each rank's process, which imports "
@@ -36,6 +38,11 @@ def _send(conn, obj) -> None:
     conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _answer(conn, call_id: int, status: str, value) -> None:
+    """The call id comes first, apart from the pickle, so the driver can drop an answer unread."""
+    conn.send_bytes(CALL_ID.pack(call_id) + pickle.dumps((status, value), protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _rank_main(conn, config: WorkerConfig, init: DistributedInit, threads: int) -> None:
     """A rank's process: build the Worker (answering as call 0), then answer (call id, request)
     messages with (call id, status, value) until None or EOF."""
@@ -45,9 +52,9 @@ def _rank_main(conn, config: WorkerConfig, init: DistributedInit, threads: int) 
     try:
         worker = Worker(config, init)
     except Exception as e:  # noqa: BLE001 - reported to the driver, which raises it
-        _send(conn, (0, "error", describe(e)))
+        _answer(conn, 0, "error", describe(e))
         return
-    _send(conn, (0, "ok", None))
+    _answer(conn, 0, "ok", None)
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -59,9 +66,9 @@ def _rank_main(conn, config: WorkerConfig, init: DistributedInit, threads: int) 
         try:
             method, args = pickle.loads(request)
         except Exception as e:  # noqa: BLE001 - e.g. a function this process cannot import
-            _send(conn, (call_id, "error", describe(e)))
+            _answer(conn, call_id, "error", describe(e))
             continue
-        _send(conn, (call_id, *call_worker(worker, method, args)))
+        _answer(conn, call_id, *call_worker(worker, method, args))
     worker.close()
 
 
@@ -154,13 +161,13 @@ class MpExecutor(MultiRankExecutor):
                 return (rank := sentinels[ready[0]]), "died", self._death(rank)
             rank = answered[0]
             try:
-                call_id, status, value = pickle.loads(self.conns[rank].recv_bytes())
+                answer = self.conns[rank].recv_bytes()
             except (EOFError, OSError):
                 return rank, "died", self._death(rank)
-            if call_id == self._call_id:
-                return rank, status, value
-            # else: the answer to a call whose gathering ended early (its answer could not be
-            # unpickled here): dropped, so it is never taken for this call's
+            if CALL_ID.unpack_from(answer)[0] == self._call_id:
+                return rank, *pickle.loads(memoryview(answer)[CALL_ID.size:])
+            # else: the answer to a call whose gathering ended early (an answer could not be
+            # unpickled here): dropped unread, so it is never taken for this call's
 
     def _death(self, rank: int) -> str:
         proc = self.procs[rank]
