@@ -3,6 +3,7 @@ moved to the CPU whatever their shape, a local Ray that leaves nothing behind wh
 killed, resources that cannot be had refused in seconds, a script without a main guard refused
 with what to do, and a worker timeout that is not a finite number refused before any worker starts."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,7 @@ def test_a_killed_driver_leaves_no_ray_process(tiny_llada_dir):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=temp_root)
     proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, env=env,
                             start_new_session=True)
+    ours = {}
     try:
         assert proc.stdout.readline().startswith(b"READY")
         ours = _descendants(proc.pid)
@@ -194,11 +196,12 @@ def test_a_killed_driver_leaves_no_ray_process(tiny_llada_dir):
         while _session_processes(temp_root, ours) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _session_processes(temp_root, ours) == []
-        assert os.listdir(temp_root) == []   # the instance's temp dir was removed too
+        assert list(Path(temp_root).glob("sparsed-ray-*")) == []   # the instance's temp dir was removed too
     finally:
         proc.kill()
-        for pid in _session_processes(temp_root, {}):
+        for pid in _session_processes(temp_root, ours):
             os.kill(int(pid.split()[0]), signal.SIGKILL)
+        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- mp and the user's script
