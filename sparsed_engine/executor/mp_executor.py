@@ -1,9 +1,9 @@
-"""One spawned process per sequence-parallel rank on this machine, without Ray; rank 0 returns the logits.
+"""One spawned process per sequence-parallel rank on this machine, without Ray.
 
-The driver talks to each rank over a pipe (messages pickled by value, so no shared-memory handles
-outlive a step) and watches the processes' sentinels, so a rank that dies (killed, out of memory)
-is noticed at once and one that raises reports its exception. Either way its peers would block in
-collectives, so the whole group is released and every later call raises ExecutorDeadError.
+The driver talks to each rank over a pipe: requests and answers are pickled by value (so no
+shared-memory handle outlives a call) and carry the call's id, and a rank's process sentinel is
+watched beside its pipe, so a rank that dies (killed, out of memory) is noticed at once. Failures
+follow MultiRankExecutor's policy.
 """
 from __future__ import annotations
 
@@ -11,36 +11,50 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import signal
 import socket
+import struct
+import sys
 import time
-import traceback
 from multiprocessing.connection import wait
 
 import torch
 
 from model_executor.parallel import DistributedInit
-from model_executor.step_input import StepInput
 from model_executor.worker import Worker, WorkerConfig
-from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor, worker_timeout_s
+from sparsed_engine.executor.base import MultiRankExecutor, died
+from sparsed_engine.executor.worker_call import call_worker, describe
 
-FAILURE_GRACE_S = 2.0   # after one rank fails, wait this long for the others to report why
 STOP_TIMEOUT_S = 10.0   # a rank asked to stop that has not exited by then is killed
+CALL_ID = struct.Struct("<q")
+# The exit status of a rank's process that found itself re-running the user's script (below).
+MAIN_GUARD_EXIT = 87
+MAIN_GUARD_HELP = ("the script that created the LLM ran again in each rank's process, which imports "
+                   "the main module: create the LLM under `if __name__ == \"__main__\":` (as every "
+                   "script must when distributed_executor_backend=\"mp\" starts processes)")
 
 
 def _send(conn, obj) -> None:
     conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+def _answer(conn, call_id: int, status: str, value) -> None:
+    """The call id comes first, apart from the pickle, so the driver can drop an answer unread."""
+    conn.send_bytes(CALL_ID.pack(call_id) + pickle.dumps((status, value), protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def _rank_main(conn, config: WorkerConfig, init: DistributedInit, threads: int) -> None:
-    """A rank's process: build the Worker, then answer (method, args) messages until None or EOF."""
+    """A rank's process: build the Worker (answering as call 0), then answer (call id, request)
+    messages with (call id, status, value) until None or EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the driver's: it stops the ranks
     if config.device.startswith("cpu"):
         torch.set_num_threads(threads)   # CPU ranks share the cores instead of each taking all
     try:
         worker = Worker(config, init)
-    except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it
-        _send(conn, ("error", _describe(e)))
+    except Exception as e:  # noqa: BLE001 - reported to the driver, which raises it
+        _answer(conn, 0, "error", describe(e))
         return
-    _send(conn, ("ok", None))
+    _answer(conn, 0, "ok", None)
     while True:
         try:
             msg = pickle.loads(conn.recv_bytes())
@@ -48,18 +62,23 @@ def _rank_main(conn, config: WorkerConfig, init: DistributedInit, threads: int) 
             break
         if msg is None:
             break
-        method, args = msg
+        call_id, request = msg
         try:
-            if method == "execute":
-                logits = worker.execute(*args)
-                result = None if logits is None else [t.cpu() for t in logits]
-            else:
-                fn = method if callable(method) else getattr(Worker, method)
-                result = fn(worker, *args)
-            _send(conn, ("ok", result))
-        except BaseException as e:  # noqa: BLE001
-            _send(conn, ("error", _describe(e)))
+            method, args = pickle.loads(request)
+        except Exception as e:  # noqa: BLE001 - e.g. a function this process cannot import
+            _answer(conn, call_id, "error", describe(e))
+            continue
+        _answer(conn, call_id, *call_worker(worker, method, args))
     worker.close()
+
+
+def _refuse_when_reimporting_main() -> None:
+    """A spawned process first imports the parent's main module; a script without a main guard
+    would build another LLM (and start more processes) in every rank. The flag is the one
+    multiprocessing itself checks for this, set only while a spawned process imports main."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        print(f"sparsed_engine: {MAIN_GUARD_HELP}", file=sys.stderr, flush=True)
+        raise SystemExit(MAIN_GUARD_EXIT)
 
 
 @contextlib.contextmanager
@@ -80,24 +99,22 @@ def _visible_gpu(gpu: str | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-def _describe(e: BaseException) -> str:
-    last = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
-    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
-    return f"{type(e).__name__}: {e}{where}"
-
-
 class MpExecutor(MultiRankExecutor):
+    name = "mp"
+
     def __init__(self, worker_config: WorkerConfig):
-        self.device = torch.device(worker_config.device)
-        self.timeout_s = worker_timeout_s()
-        n = worker_config.sequence_parallel_size
+        _refuse_when_reimporting_main()
+        device = torch.device(worker_config.device)
+        n = self.num_ranks = worker_config.sequence_parallel_size
         gpus = None
-        if self.device.type == "cuda":
+        if device.type == "cuda":
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             if len(gpus) < n:
                 raise ValueError(f"sequence_parallel_size={n} needs {n} GPUs but this machine has {len(gpus)}; "
                                  f"distributed_executor_backend='ray' can use a cluster")
+        super().__init__()
+        self._call_id = 0   # the rank's answer to building its Worker is call 0
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -114,86 +131,48 @@ class MpExecutor(MultiRankExecutor):
                 child.close()
                 self.procs.append(proc)
                 self.conns.append(parent)
-            self._gather("loading the model")
+            self._calls.run(self._gather, "loading the model")
         except BaseException:
-            self._release()
+            self.shutdown()
             raise
 
-    # ---------------------------------------------------------------- Executor
-    def execute(self, step: StepInput) -> list[torch.Tensor]:
-        return [t.to(self.device) for t in self._call("execute", step)[0]]
+    # ---------------------------------------------------------------- transport
+    def _pack(self, method, args: tuple) -> bytes:
+        return pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
 
-    def collective_rpc(self, method, *args) -> list:
-        return self._call(method, *args)
-
-    def shutdown(self) -> None:
-        if self.dead is None:
-            self.dead = "the mp executor was shut down"
-        self._release()
-
-    # ---------------------------------------------------------------- calls and failures
-    def _call(self, method, *args) -> list:
-        self.check_alive()
-        payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)  # pickled once
+    def _send(self, request: bytes) -> None:
+        self._call_id += 1
         for conn in self.conns:
             try:
-                conn.send_bytes(payload)
+                _send(conn, (self._call_id, request))
             except OSError:
-                pass  # the rank is gone: its sentinel reports it below
-        return self._gather(f"running {getattr(method, '__name__', method)}" if method != "execute" else "running a step")
+                pass  # the rank is gone: its sentinel reports it
 
-    def _gather(self, what: str) -> list:
-        """One answer per rank; the first failure (a death preferred) or a rank still busy after
-        timeout_s releases the group and raises."""
-        results, pending = [None] * len(self.procs), set(range(len(self.procs)))
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            got = self._next(pending, timeout=max(deadline - time.monotonic(), 0))
-            if got is None:
-                self.dead = f"the mp executor is dead: {self.hung(pending, what)}"
-                self._release()
-                raise ExecutorDeadError(self.dead)
-            rank, ok, value = got
-            if ok:
-                results[rank] = value
-                pending.discard(rank)
-                continue
-            errors = {rank: value}
-            pending.discard(rank)
-            while pending:  # the peers of a failed rank fail too; name the death, not the broken collective
-                got = self._next(pending, timeout=FAILURE_GRACE_S)
-                if got is None:
-                    break
-                pending.discard(got[0])
-                if not got[1]:
-                    errors[got[0]] = got[2]
-            rank, why = min(errors.items(), key=lambda kv: ("process died" not in kv[1], kv[0]))
-            self.dead = f"the mp executor is dead: worker rank {rank} failed while {what}: {why}"
-            self._release()
-            raise ExecutorDeadError(self.dead)
-        return results
-
-    def _next(self, pending: set, timeout):
-        """(rank, ok, value) of the next rank to answer or die, or None after `timeout` seconds."""
-        conns = {self.conns[r]: r for r in pending}
-        sentinels = {self.procs[r].sentinel: r for r in pending}
-        ready = wait(list(conns) + list(sentinels), timeout)
-        if not ready:
-            return None
-        for obj in ready:  # answers first: a rank may answer and then exit
-            if obj in conns:
-                rank = conns[obj]
-                try:
-                    status, value = pickle.loads(obj.recv_bytes())
-                except (EOFError, OSError):
-                    return rank, False, self._death(rank)
-                return rank, status == "ok", value
-        return (rank := sentinels[ready[0]]), False, self._death(rank)
+    def _next(self, pending: set[int], timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            conns = {self.conns[r]: r for r in pending}
+            sentinels = {self.procs[r].sentinel: r for r in pending}
+            ready = wait(list(conns) + list(sentinels), max(deadline - time.monotonic(), 0))
+            if not ready:
+                return None
+            answered = [conns[obj] for obj in ready if obj in conns]   # answers first: a rank may answer, then exit
+            if not answered:
+                return (rank := sentinels[ready[0]]), "died", self._death(rank)
+            rank = answered[0]
+            try:
+                answer = self.conns[rank].recv_bytes()
+            except (EOFError, OSError):
+                return rank, "died", self._death(rank)
+            if CALL_ID.unpack_from(answer)[0] == self._call_id:
+                return rank, *pickle.loads(memoryview(answer)[CALL_ID.size:])
+            # else: the answer to a call whose gathering ended early (an answer could not be
+            # unpickled here): dropped unread, so it is never taken for this call's
 
     def _death(self, rank: int) -> str:
         proc = self.procs[rank]
         proc.join(1.0)
-        return f"its process died (exit code {proc.exitcode}: killed, out of memory or crashed)"
+        return MAIN_GUARD_HELP if proc.exitcode == MAIN_GUARD_EXIT else died(proc.exitcode)
 
     def _release(self) -> None:
         """Ask every rank to stop, kill those that do not, and close the pipes."""

@@ -1,27 +1,32 @@
-"""One Ray actor per sequence-parallel rank, all in one placement group; rank 0 returns the logits.
+"""One Ray actor per sequence-parallel rank, all in one placement group.
 
 Ray is imported only when this executor is built, so the rest of the package works without it.
 It joins the Ray instance already running in this process (or RAY_ADDRESS's cluster), else starts
-a small local one, and gives back everything it took at shutdown. A worker that dies or raises
-leaves its peers blocked in collectives, so any failure releases the whole group and every later
-call raises ExecutorDeadError.
+a small local one (no dashboard UI, no usage stats, ended by a watchdog if this process is killed),
+and gives back everything it took at shutdown. Failures follow MultiRankExecutor's policy; each
+call's answers are its own ObjectRefs, so an abandoned call's can never be taken for a later one's.
 """
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from model_executor.parallel import DistributedInit
-from model_executor.step_input import StepInput
 from model_executor.worker import Worker, WorkerConfig
-from sparsed_engine.executor.base import ExecutorDeadError, MultiRankExecutor, worker_timeout_s
+from sparsed_engine.executor.base import MultiRankExecutor, died
+from sparsed_engine.executor.worker_call import call_worker, describe
 
-PLACEMENT_TIMEOUT_S = 60       # the cluster lacks the GPUs asked for if they are not free by then
-FAILURE_GRACE_S = 2.0          # after one rank fails, wait this long for the others to report why
-OBJECT_STORE_BYTES = 1 << 30   # a local Ray's object store: step inputs and rank 0's logits pass through
+PLACEMENT_TIMEOUT_S = 60       # resources the cluster reported free are placed by then, or it fails
+RESOURCE_WAIT_S = 5.0          # resources held by a group being released are back by then
+OBJECT_STORE_BYTES = 1 << 30   # a local Ray's object store: step inputs and answers pass through
+WATCHDOG = Path(__file__).with_name("ray_watchdog.py")
 
 
 class RayWorker:
@@ -30,46 +35,48 @@ class RayWorker:
     def __init__(self):
         self.worker: Worker | None = None
 
-    def rendezvous_address(self) -> str:
+    def rendezvous_address(self) -> tuple[str, str]:
         """A torch.distributed init method on this actor's node (rank 0's): its IP and a free port."""
         import ray
 
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        return "ok", f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def start(self, config: WorkerConfig, init: DistributedInit) -> None:
-        self.worker = Worker(config, init)
+    def start(self, config: WorkerConfig, init: DistributedInit) -> tuple[str, object]:
+        try:
+            self.worker = Worker(config, init)
+        except Exception as e:  # noqa: BLE001 - reported to the driver, which raises it
+            return "error", describe(e)
+        return "ok", None
 
-    def execute(self, step: StepInput) -> list | None:
-        """Rank 0: logits per row as numpy arrays, which Ray moves to the driver without copying
-        (torch tensors are pickled, several times slower)."""
-        logits = self.worker.execute(step)
-        return None if logits is None else [t.cpu().numpy() for t in logits]
-
-    def call(self, method, *args):
-        """A Worker method by name, or any function called as fn(worker, *args)."""
-        fn = method if callable(method) else getattr(Worker, method)
-        return fn(self.worker, *args)
+    def call(self, request: tuple) -> tuple[str, object]:
+        method, args = request
+        return call_worker(self.worker, method, args)
 
 
 class RayExecutor(MultiRankExecutor):
+    name = "Ray"
+
     def __init__(self, worker_config: WorkerConfig):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._ray = ray
-        self.timeout_s = worker_timeout_s()
-        self.device = torch.device(worker_config.device)
-        n = worker_config.sequence_parallel_size
-        gpu = self.device.type == "cuda"
+        super().__init__()
+        n = self.num_ranks = worker_config.sequence_parallel_size
+        gpu = torch.device(worker_config.device).type == "cuda"
         self.workers: list = []
+        self._refs: dict[int, object] = {}
         self._pg = None
-        self._owns_ray = _connect(ray, n, gpu)
+        self._watchdog = None
         try:
+            self._owns_ray = False
+            self._owns_ray, self._watchdog = _connect(ray, n, gpu)
             bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+            _wait_for_resources(ray, bundle, n)
             self._pg = placement_group([bundle] * n, strategy="PACK")
             try:
                 ray.get(self._pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
@@ -82,69 +89,40 @@ class RayExecutor(MultiRankExecutor):
                 actor.options(num_cpus=1, num_gpus=int(gpu), scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=rank)).remote()
                 for rank in range(n)]
-            init_method = self._wait([self.workers[0].rendezvous_address.remote()], "starting")[0]
-            self._wait([w.start.remote(worker_config, DistributedInit(rank, init_method))
-                        for rank, w in enumerate(self.workers)], "loading the model")
+            self._calls.run(self._start, worker_config)
         except BaseException:
-            self._release()
+            self.shutdown()
             raise
 
-    # ---------------------------------------------------------------- Executor
-    def execute(self, step: StepInput) -> list[torch.Tensor]:
-        self.check_alive()
-        ref = self._ray.put(step)  # serialised once, read by every rank
-        logits = self._wait([w.execute.remote(ref) for w in self.workers], "running a step")[0]
-        return [torch.tensor(a, device=self.device) for a in logits]  # a copy: Ray's arrays are read-only
+    def _start(self, worker_config: WorkerConfig) -> None:
+        self._refs = {0: self.workers[0].rendezvous_address.remote()}
+        (init_method,) = self._gather("starting", [0])
+        self._refs = {rank: w.start.remote(worker_config, DistributedInit(rank, init_method))
+                      for rank, w in enumerate(self.workers)}
+        self._gather("loading the model")
 
-    def collective_rpc(self, method, *args) -> list:
-        """Run a Worker method (by name) or fn(worker, *args) on every rank; results in rank order."""
-        self.check_alive()
-        name = getattr(method, "__name__", method)
-        return self._wait([w.call.remote(method, *args) for w in self.workers], f"running {name}")
+    # ---------------------------------------------------------------- transport
+    def _pack(self, method, args: tuple):
+        return self._ray.put((method, args))  # serialised once, read by every rank
 
-    def shutdown(self) -> None:
-        if self.dead is None:
-            self.dead = "the Ray executor was shut down"
-        self._release()
+    def _send(self, request) -> None:
+        self._refs = {rank: w.call.remote(request) for rank, w in enumerate(self.workers)}
 
-    # ---------------------------------------------------------------- failures
-    def _wait(self, refs: list, what: str) -> list:
-        """Results of one call per rank; the first failure (an actor death preferred) or a rank
-        still busy after timeout_s kills the group."""
+    def _next(self, pending: set[int], timeout: float):
         ray = self._ray
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results, pending = [None] * len(refs), list(refs)
-        deadline = time.monotonic() + self.timeout_s
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
-            if not done:
-                self.dead = f"the Ray executor is dead: {self.hung([rank_of[r] for r in pending], what)}"
-                self._release()
-                raise ExecutorDeadError(self.dead)
-            (ref,) = done
-            try:
-                results[rank_of[ref]] = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                errors = {rank_of[ref]: e} | self._errors_within_grace(pending, rank_of)
-                rank, err = min(errors.items(),
-                                key=lambda kv: (not isinstance(kv[1], ray.exceptions.RayActorError), kv[0]))
-                self.dead = (f"the Ray executor is dead: worker rank {rank} failed while {what}: "
-                              f"{_describe(ray, err)}")
-                self._release()
-                raise ExecutorDeadError(self.dead) from err
-        return results
-
-    def _errors_within_grace(self, pending: list, rank_of: dict) -> dict:
-        """Errors the other ranks report soon after the first: a peer of a dead rank fails too,
-        and the death, not the broken collective, is the cause worth naming."""
-        ray, errors = self._ray, {}
-        done, _ = ray.wait(pending, num_returns=len(pending), timeout=FAILURE_GRACE_S) if pending else ([], [])
-        for ref in done:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as e:
-                errors[rank_of[ref]] = e
-        return errors
+        rank_of = {self._refs[r]: r for r in pending}
+        done, _ = ray.wait(list(rank_of), num_returns=1, timeout=timeout)
+        if not done:
+            return None
+        rank = rank_of[done[0]]
+        try:
+            status, value = ray.get(done[0])
+        except ray.exceptions.RayActorError:
+            return rank, "died", died(None)
+        except ray.exceptions.RayError as e:   # not raised by the Worker: e.g. an argument the actor cannot load
+            cause = getattr(e, "cause", None)
+            return rank, "error", describe(cause) if cause is not None else str(e).strip().splitlines()[0]
+        return rank, status, value
 
     def _release(self) -> None:
         """Kill the actors (freeing their GPUs), remove the placement group, stop a Ray we started."""
@@ -158,29 +136,53 @@ class RayExecutor(MultiRankExecutor):
                 remove_placement_group(self._pg)
             if self._owns_ray:
                 ray.shutdown()
-        self.workers, self._pg, self._owns_ray = [], None, False
+        if self._watchdog is not None:   # it ends what is left of the local Ray, then exits
+            self._watchdog.stdin.close()
+            self._watchdog.wait()
+        self.workers, self._refs, self._pg, self._owns_ray, self._watchdog = [], {}, None, False, None
 
 
-def _connect(ray, num_workers: int, gpu: bool) -> bool:
+def _connect(ray, num_workers: int, gpu: bool):
     """Use the Ray this process already runs, else join RAY_ADDRESS's cluster, else start a local
-    instance sized for the workers. True when this executor must disconnect it at shutdown."""
+    instance sized for the workers. Returns (whether this executor must disconnect it at shutdown,
+    the watchdog process of a local instance)."""
     if ray.is_initialized():
-        return False
+        return False, None
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # joins the address in RAY_ADDRESS
-        return True
+        return True, None
     if gpu and torch.cuda.device_count() < num_workers:
         raise ValueError(f"sequence_parallel_size={num_workers} needs {num_workers} GPUs but this machine "
                          f"has {torch.cuda.device_count()}; set RAY_ADDRESS to use a Ray cluster")
-    ray.init(address="local", num_cpus=num_workers, num_gpus=num_workers if gpu else 0,
-             object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False)
-    return True
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")   # read by Ray's processes at their start
+    temp_dir = tempfile.mkdtemp(prefix="sparsed-ray-")
+    # Started first, so that the instance cannot outlive this process unwatched. Its stdin is a pipe
+    # only this process writes: when this process ends, however, the pipe closes and the watchdog
+    # kills every process of the instance (found by its temp dir) and removes the dir.
+    watchdog = subprocess.Popen([sys.executable, "-I", str(WATCHDOG), temp_dir], stdin=subprocess.PIPE,
+                                start_new_session=True)
+    try:
+        ray.init(address="local", num_cpus=num_workers, num_gpus=num_workers if gpu else 0,
+                 object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, _temp_dir=temp_dir)
+    except BaseException:
+        watchdog.stdin.close()
+        watchdog.wait()
+        raise
+    return True, watchdog
 
 
-def _describe(ray, err: Exception) -> str:
-    cause = getattr(err, "cause", None)
-    if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:  # what the worker raised
-        return f"{type(cause).__name__}: {cause}"
-    if isinstance(err, ray.exceptions.RayActorError):
-        return "its process died (killed, out of memory or crashed)"
-    return str(err).strip().splitlines()[0]
+def _wait_for_resources(ray, bundle: dict, n: int) -> None:
+    """Fail at once, naming what was asked and what there is, when the cluster cannot hold n
+    bundles: too few in all, or too few free for RESOURCE_WAIT_S (another job holds them)."""
+    deadline = time.monotonic() + RESOURCE_WAIT_S
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        short = {key: n * per for key, per in bundle.items() if free.get(key, 0) < n * per}
+        if not short:
+            return
+        missing = ", ".join(f"{need:g} {key}s (the cluster has {total.get(key, 0):g}, "
+                            f"{free.get(key, 0):g} free)" for key, need in short.items())
+        if any(total.get(key, 0) < need for key, need in short.items()) or time.monotonic() > deadline:
+            raise RuntimeError(f"sequence_parallel_size={n} asks Ray for {missing}: one per rank; "
+                               f"free them (another LLM or Ray job holds them) or ask for fewer ranks")
+        time.sleep(0.2)
