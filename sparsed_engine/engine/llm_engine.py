@@ -19,9 +19,12 @@ from sparsed_engine.engine.scheduler import Scheduler
 from sparsed_engine.engine.sequence import Sequence
 from sparsed_engine.executor import make_executor
 from sparsed_engine.outputs import CompletionOutput, RequestOutput
-from sparsed_engine.sampling_params import DREAM_POLICIES, LLADA_POLICIES, SamplingParams
+from sparsed_engine import envs
+from sparsed_engine.inputs import parse_prompt
+from sparsed_engine.request_memory import check_request_fits
+from sparsed_engine.sampling_params import SamplingParams, validated
 
-_POLICIES = {"llada": LLADA_POLICIES, "dream": DREAM_POLICIES}
+_POLICIES = {"llada": ("low_confidence", "random"), "dream": ("origin", "maskgit_plus", "topk_margin", "entropy")}
 # generation_config key of each family's default policy, and the reference code's default
 _DEFAULT_POLICY = {"llada": ("remasking", "low_confidence"), "dream": ("alg", "origin")}
 
@@ -31,12 +34,14 @@ Prompt = str | list[int] | dict
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.envs = envs.read()  # every environment variable, validated before anything loads
         self.info = read_model_info(config.model)
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model, config.trust_remote_code))
         self.backend_name = selected_backend_name(config.attention_backend)
         self.backend_cls = get_backend_class(self.backend_name)
-        self.backend_cls.resolve_config(config.attention_config)  # engine-wide settings fail here
+        self.backend_cls.check_device(self.backend_cls.resolve_config(config.attention_config),  # engine-wide
+                                      config.resolved_device())                                 # settings fail here
         # one rank's heads: each rank stores the patterns of its own heads under the same block ids
         self.layout = rank_layout(self.info.attention_layout, config.sequence_parallel_size)
         self.max_model_len = config.max_model_len or self.info.max_model_len
@@ -64,6 +69,7 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         """Check one request completely (raising ValueError naming the bad value) without queuing it."""
+        params = validated(params)
         text, ids = self._prompt_ids(prompt)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"SamplingParams.stop={params.stop!r} needs the tokenizer, "
@@ -83,7 +89,9 @@ class LLMEngine:
                              f"choose from {_POLICIES[family]}")
         if params.alg_temp and family != "dream":
             raise ValueError(f"SamplingParams.alg_temp={params.alg_temp!r} applies to Dream models only")
+        check_request_fits(len(ids), params, self.layout, self.info.vocab_size, self.dtype, self.device)
         attn_cfg = self.backend_cls.resolve_config(self.config.attention_config, params.attention_config)
+        self.backend_cls.check_device(attn_cfg, self.device)
         rows = 2 if params.cfg_scale > 0 else 1
         blocks = rows * self.backend_cls.pattern_blocks_needed(
             self.layout, len(ids) + params.max_tokens, attn_cfg, self.scheduler.block_manager.block_bytes,
@@ -97,19 +105,12 @@ class LLMEngine:
         return Sequence(rid, text, ids, params, family, policy, self.info.mask_token_id, attn_cfg, blocks)
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
+        text, ids = parse_prompt(prompt)
+        if ids is None:
             if self.tokenizer is None:
-                raise ValueError(f"prompt {prompt!r:.80} is text but skip_tokenizer_init=True: "
+                raise ValueError(f"prompt {text!r:.80} is text but skip_tokenizer_init=True: "
                                  f"pass token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
-        elif isinstance(prompt, (list, tuple)):
-            text, ids = None, prompt
-        else:
-            raise ValueError(f"prompt {prompt!r:.80} must be a string, a list of token ids, "
-                             f"or a dict with 'prompt_token_ids'")
-        ids = [int(t) for t in ids]
+            ids = self.tokenizer.encode(text)
         if not ids:
             raise ValueError("prompt is empty: a diffusion LM needs at least one prompt token")
         vocab = self.info.vocab_size
