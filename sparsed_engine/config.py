@@ -27,7 +27,8 @@ class EngineConfig(StrictModel):
     """Everything `LLM(...)` and the CLI accept about the engine (not about one request)."""
 
     model: NonEmptyStr
-    """Local Hugging Face model folder (config.json, safetensors weights, tokenizer files)."""
+    """Local Hugging Face model folder (config.json, safetensors weights, tokenizer files); LLM() and
+    the CLI default to the bundled tiny LLaDA."""
     tokenizer: NonEmptyStr | None = None
     """Tokenizer folder (None: the model folder)."""
     dtype: Annotated[Any, Field(json_schema_extra={"choices": DTYPE_NAMES})] = "auto"
