@@ -47,7 +47,7 @@ class LLM:
             raise RuntimeError("this LLM was shut down; create a new one")
         prompts = as_prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
-        if isinstance(params, SamplingParams):
+        if not isinstance(params, (list, tuple)):  # one for all (make_sequence checks its type)
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
