@@ -10,6 +10,10 @@ from pydantic import Field, field_validator, model_validator
 from sparsed_engine.validation import InvalidTypeError, StrictModel, type_error
 
 SEED_MAX = 2**63 - 1  # a torch.Generator seed, with room for per-row offsets
+# Logits are divided by a temperature: below this a float32 division overflows to inf (NaN
+# probabilities), so a temperature is 0 (greedy) or at least this. Guidance is capped likewise.
+MIN_TEMPERATURE = 1e-5
+MAX_CFG_SCALE = 1000.0
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -36,7 +40,7 @@ class SamplingParams(StrictModel):
     """Dream: temperature of the confidence used to choose positions (None: the family's default)."""
     eps: Annotated[float, Field(ge=0, lt=1)] = 1e-3
     """Dream: final timestep of the transfer schedule."""
-    cfg_scale: Annotated[float, Field(ge=0)] = 0.0
+    cfg_scale: Annotated[float, Field(ge=0, le=MAX_CFG_SCALE)] = 0.0
     """Unsupervised classifier-free guidance (a second canvas with the prompt masked); 0: off."""
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
     """Seed of this request's sampling (None: random); the same seed gives the same output."""
@@ -75,6 +79,10 @@ class SamplingParams(StrictModel):
         return v
 
     def check(self) -> None:
+        for name in ("temperature", "alg_temp"):
+            value = getattr(self, name)
+            if value and value < MIN_TEMPERATURE:
+                raise self.bad(name, f"must be 0 or at least {MIN_TEMPERATURE:g} (smaller overflows the logits)")
         if self.max_tokens % self.block_length:
             raise self.bad("block_length", f"max_tokens={self.max_tokens} must be divisible by block_length")
         if self.steps % self.num_blocks:

@@ -35,7 +35,8 @@ SAMPLING_BAD = [
     # (field, value, TypeError?)
     ("temperature", NAN, False), ("temperature", INF, False), ("temperature", -INF, False),
     ("temperature", "hot", True), ("temperature", True, True),
-    ("cfg_scale", NAN, False), ("cfg_scale", INF, False), ("cfg_scale", True, True),
+    ("temperature", 5e-259, False), ("temperature", 1e-6, False), ("alg_temp", 1e-300, False),
+    ("cfg_scale", NAN, False), ("cfg_scale", INF, False), ("cfg_scale", True, True), ("cfg_scale", 1e308, False),
     ("top_p", NAN, False), ("top_p", True, True), ("top_p", "1", True),
     ("alg_temp", NAN, False), ("alg_temp", INF, False), ("alg_temp", -1.0, False),
     ("eps", NAN, False), ("eps", 1.0, False), ("eps", True, True),
