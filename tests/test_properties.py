@@ -14,13 +14,13 @@ from sparsed_engine.config import EngineConfig
 # derandomized (the same examples every run), no shrinking (a failure prints its example as found)
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True,
                 phases=[Phase.explicit, Phase.generate])
-SAMPLING_EXAMPLES, PROMPT_EXAMPLES, ENGINE_EXAMPLES = 80, 60, 40
+SAMPLING_EXAMPLES, PROMPT_EXAMPLES, ENGINE_EXAMPLES = 50, 60, 40
 
 # values of the wrong type or outside every range, offered to every field
 HOSTILE = st.sampled_from([None, True, False, math.nan, math.inf, -math.inf, -1, 0, 2**64, 1.5, -0.5,
                            "", "x", "8", b"8", [], [""], [1], {}, {"skip": 2.0}, (1,), 1e308])
 
-SMALL_INT = st.integers(1, 24)
+SMALL_INT = st.integers(1, 12)
 UNIT = st.floats(0, 1, allow_nan=False)
 SAMPLING_VALID = {
     "max_tokens": SMALL_INT, "steps": st.none() | SMALL_INT, "block_length": st.none() | SMALL_INT,

@@ -168,6 +168,8 @@ class LLMEngine:
     def _commit(self, seq: Sequence, positions: torch.Tensor, logits: torch.Tensor) -> None:
         n, p_transfer = seq.transfer_plan(positions.numel())
         gen = seq.generator(logits.device)
+        # a committed mask id would leave its position masked for good (a mask id in the output)
+        logits = logits.index_fill(-1, torch.tensor([seq.mask_token_id], device=logits.device), float("-inf"))
         if seq.family == "llada":
             idx, tokens = unmasking.llada_unmask(logits, n, seq.params, seq.policy, gen)
         else:
