@@ -22,7 +22,7 @@ def _backend(raw: str) -> str | None:
     if raw == "":
         return None  # set but empty: as if unset
     if raw not in installed_backends():
-        raise ValueError(f"unknown attention backend; installed backends: {', '.join(installed_backends())}")
+        raise ValueError(f"unknown attention backend {raw!r}; installed backends: {', '.join(installed_backends())}")
     return raw
 
 
