@@ -92,8 +92,12 @@ def test_sampling_params_immutable_and_revalidated(llada):
 
 
 def test_dream_alg_temp_nan_refused_before_work(tiny_dream_dir):
+    dream = LLM(model=str(tiny_dream_dir))
     with pytest.raises(ValueError, match="alg_temp=nan"):
-        SamplingParams(alg_temp=NAN, unmasking="entropy")
+        dream.generate(["a"] * 3, [SamplingParams(max_tokens=8, unmasking="entropy", alg_temp=a)
+                                   for a in (0.1, 0.2)] + [SamplingParams(alg_temp=NAN, unmasking="entropy")])
+    _refused(dream, "a", SamplingParams(max_tokens=8, unmasking="entropy").model_copy(update={"alg_temp": NAN}),
+             "alg_temp=nan")
 
 
 # ---------------------------------------------------------------- LLM / EngineConfig
