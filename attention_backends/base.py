@@ -69,6 +69,10 @@ class AttentionBackend(ABC):
         return None
 
     @classmethod
+    def check_device(cls, config: Any, device: str) -> None:
+        """Raise ValueError when resolved settings cannot run on `device` (e.g. a kernel it lacks)."""
+
+    @classmethod
     def phase(cls, step: int, total_steps: int, config: Any) -> str:
         return DENSE
 

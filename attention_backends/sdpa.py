@@ -15,6 +15,7 @@ _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
 SDPA_ENV = "SPARSED_SDPA_BACKEND"
 _NAMED = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
           "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+SDPA_BACKENDS = tuple(_NAMED)
 
 
 def cuda_order() -> list[SDPBackend]:

@@ -3,6 +3,7 @@ chosen once per request (at the last dense step) and read from the pattern pool 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -86,6 +87,14 @@ class SparseDBackend(AttentionBackend):
         if unknown:
             raise ValueError(f"unknown SparseD attention_config keys {unknown}; known: {sorted(known)}")
         return SparseDConfig(**merged)
+
+    @classmethod
+    def check_device(cls, config: SparseDConfig, device: str) -> None:
+        # Triton kernels need CUDA tensors, unless the Triton interpreter runs them (tests on CPU)
+        if (config.kernel == "triton" and torch.device(device).type != "cuda"
+                and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ValueError(f"attention_config['kernel']='triton' needs a CUDA device, not {device!r}; "
+                             f"use 'auto' or 'torch'")
 
     @classmethod
     def phase(cls, step: int, total_steps: int, config: SparseDConfig) -> str:

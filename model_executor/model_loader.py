@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from attention_backends.base import AttentionBackend, AttentionLayout
+from model_executor import checkpoint_checks as checks
 from model_executor.layers.rms_norm import RMSNorm
 from model_executor.families import resolve_family
 
@@ -78,6 +79,7 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
     config = _read_json(config_path, required=True)
     gen_path = path / "generation_config.json"
     generation_config = _read_json(gen_path, required=False)
+    checks.check_config_values(config, config_path)
     try:
         family = resolve_family(config)
         cls = family.model_class
@@ -85,6 +87,7 @@ def read_model_info(model_dir: str | Path) -> ModelInfo:
         layout = cls.attention_layout(config)
     except ValueError as e:
         raise ValueError(f"{config_path}: {e}") from e
+    checks.check_model_shape(config_path, args.vocab_size, args.max_len, layout)
 
     mask = config.get("mask_token_id")
     if mask is None:
@@ -114,6 +117,7 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = Path(model_dir).expanduser()
+    checks.check_tokenizer_inputs(path, trust_remote_code)
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer files in {path} (looked for {', '.join(_TOKENIZER_FILES)})")
     try:
@@ -177,6 +181,7 @@ def _weight_files(path: Path) -> list[Path]:
     weight_map = _read_json(index, required=True).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index} has no 'weight_map' object")
+    checks.check_shard_names(path, index, weight_map)
     shards = [path / name for name in dict.fromkeys(weight_map.values())]
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
@@ -197,6 +202,7 @@ def _stream_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
                     tensor = handle.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
+                checks.check_weight(name, tensor, file)
                 yield name, tensor
 
 

@@ -13,9 +13,10 @@ from model_executor.step_input import RequestSampling, RowInput, SampledTokens
 
 
 class Sampler:
-    def __init__(self, denoiser: Denoiser, device: torch.device):
+    def __init__(self, denoiser: Denoiser, device: torch.device, mask_token_id: int):
         self.denoiser = denoiser
         self.device = device
+        self.mask_token_id = mask_token_id
         self.generators: dict[int, torch.Generator] = {}   # by RequestSampling.seq_id
 
     def free(self, seq_ids) -> None:
@@ -39,6 +40,9 @@ class Sampler:
         if s.num_rows == 2:  # classifier-free guidance: conditional, then unconditional row
             uncond = logits[1]
             seq_logits = uncond + (s.cfg_scale + 1) * (seq_logits - uncond)
+        # a committed mask id would leave its position masked for good (a mask id in the output)
+        seq_logits = seq_logits.index_fill(-1, torch.tensor([self.mask_token_id], device=seq_logits.device),
+                                           float("-inf"))
         gen = self.generators.get(s.seq_id)
         if gen is None:
             gen = torch.Generator(device=seq_logits.device).manual_seed(s.seed)

@@ -47,7 +47,7 @@ class Worker:
         self.backend = backend
         self.model = load_model(info, backend, config.dtype, self.device, config.load_format)
         self.runner = ModelRunner(self.model, self.backend, self.device, self.group)
-        self.sampler = Sampler(get_family(info.family).denoiser, self.device)  # used on rank 0 only
+        self.sampler = Sampler(get_family(info.family).denoiser, self.device, info.mask_token_id)  # used on rank 0 only
 
     def available_pool_bytes(self, fraction: float) -> int:
         if self.device.type == "cuda":

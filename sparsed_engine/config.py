@@ -1,75 +1,118 @@
-"""Engine-wide settings, checked before anything is loaded."""
+"""Engine-wide settings: strict, checked before anything is loaded, immutable afterwards."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import os
+import re
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+from model_executor.model_loader import LOAD_FORMATS
+from sparsed_engine.validation import StrictModel, type_error
 
+DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPE_NAMES = ("auto", *DTYPES)
 EXECUTOR_BACKENDS = ("uni", "ray", "mp")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-@dataclass
-class EngineConfig:
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | None = None
-    attention_backend: str | None = None       # None: $SPARSED_ATTENTION_BACKEND, else "dense"
-    attention_config: dict | None = None
-    mask_pool_bytes: int | None = None         # None: mask_pool_fraction of free memory
-    mask_pool_fraction: float = 0.05
-    mask_pool_block_bytes: int = 1 << 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(16384, max_model_len)
-    load_format: str = "auto"
+class EngineConfig(StrictModel):
+    """Everything `LLM(...)` and the CLI accept about the engine (not about one request)."""
+
+    model: NonEmptyStr
+    """Local Hugging Face model folder (config.json, safetensors weights, tokenizer files); LLM() and
+    the CLI default to the bundled tiny LLaDA."""
+    tokenizer: NonEmptyStr | None = None
+    """Tokenizer folder (None: the model folder)."""
+    dtype: Annotated[Any, Field(json_schema_extra={"choices": DTYPE_NAMES})] = "auto"
+    """Weights and activations dtype, by name or a torch floating dtype (auto: the checkpoint's
+    half-precision dtype on GPU, float32 on CPU)."""
+    device: NonEmptyStr = "auto"
+    """auto (CUDA when available), cpu, or cuda[:N]."""
+    max_model_len: PositiveInt | None = None
+    """Longest prompt + max_tokens accepted (None: the model's trained length)."""
+    attention_backend: NonEmptyStr | None = None
+    """Attention backend by name (dense, sparsed, or one a package installs; None:
+    $SPARSED_ATTENTION_BACKEND, else dense)."""
+    attention_config: dict[str, Any] | None = None
+    """Engine-wide settings of the attention backend, e.g. SparseD's {"skip": 0.2, "select": 0.3}."""
+    mask_pool_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Bytes of the sparse-pattern pool per worker (None: mask_pool_fraction of free memory)."""
+    mask_pool_fraction: Annotated[float, Field(gt=0, le=1)] = 0.05
+    """Fraction of free device memory the pattern pool takes when mask_pool_bytes is None."""
+    mask_pool_block_bytes: PositiveInt = 1 << 16
+    """Bytes of one pattern pool block (the unit of allocation)."""
+    max_num_seqs: PositiveInt = 256
+    """Most requests denoised together in one step."""
+    max_num_batched_tokens: PositiveInt | None = None
+    """Most canvas tokens in one step (None: max(16384, max_model_len))."""
+    load_format: Literal[LOAD_FORMATS] = "auto"
+    """How weights are read (dummy: random weights, for benchmarks)."""
     trust_remote_code: bool = False
-    skip_tokenizer_init: bool = False          # True: prompts must be token ids, outputs carry no text
-    sequence_parallel_size: int = 1            # GPUs (or CPU ranks) one sequence is spread over
-    distributed_executor_backend: str | None = None  # "uni" | "ray" | "mp"; None: uni for 1 rank, ray for more
+    """Allow the model folder's own Python code (tokenizer classes) to run; never done otherwise."""
+    skip_tokenizer_init: bool = False
+    """Load no tokenizer: prompts must be token ids and outputs carry no text."""
+    sequence_parallel_size: PositiveInt = 1
+    """GPUs (or CPU ranks) one sequence is spread over (Ulysses sequence parallelism)."""
+    distributed_executor_backend: Literal[EXECUTOR_BACKENDS] | None = None
+    """uni (one in-process worker), ray or mp (local processes); None: uni for one rank, ray for more."""
 
-    def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"{name}={getattr(self, name)!r}: {why}")
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_and_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for name in ("model", "tokenizer"):  # a pathlib.Path is a fine folder name
+                if isinstance(data.get(name), os.PathLike):
+                    data[name] = os.fspath(data[name])
+            sp = data.get("sequence_parallel_size", 1)
+            if data.get("distributed_executor_backend") is None and type(sp) is int:
+                data["distributed_executor_backend"] = "uni" if sp == 1 else "ray"
+        return data
 
-        if self.dtype != "auto" and self.dtype not in _DTYPES and not isinstance(self.dtype, torch.dtype):
-            bad("dtype", f"choose from auto, {', '.join(_DTYPES)}")
-        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            bad("device", "choose auto, cpu or cuda[:N]")
-        if str(self.device).startswith("cuda") and not torch.cuda.is_available():
-            bad("device", "CUDA is not available on this machine")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            bad("max_model_len", "must be a positive integer")
-        if self.mask_pool_bytes is not None and self.mask_pool_bytes < 0:
-            bad("mask_pool_bytes", "must be >= 0")
-        if not 0 < self.mask_pool_fraction <= 1:
-            bad("mask_pool_fraction", "must be in (0, 1]")
-        if self.mask_pool_block_bytes < 1:
-            bad("mask_pool_block_bytes", "must be >= 1")
-        if self.max_num_seqs < 1:
-            bad("max_num_seqs", "must be >= 1")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            bad("max_num_batched_tokens", "must be >= 1")
-        if self.load_format not in ("auto", "safetensors", "dummy"):
-            bad("load_format", "choose auto, safetensors or dummy")
-        if self.attention_config is not None and not isinstance(self.attention_config, dict):
-            bad("attention_config", "must be a dict")
-        sp = self.sequence_parallel_size
-        if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
-            bad("sequence_parallel_size", "must be a positive integer")
-        if self.distributed_executor_backend is None:
-            self.distributed_executor_backend = "uni" if sp == 1 else "ray"
-        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
-            bad("distributed_executor_backend", f"choose from {', '.join(EXECUTOR_BACKENDS)}")
-        if self.distributed_executor_backend == "uni" and sp > 1:
-            bad("distributed_executor_backend", f"'uni' runs one worker; sequence_parallel_size={sp} needs 'ray' or 'mp'")
-        if self.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
-            bad("distributed_executor_backend", "Ray is not installed: pip install 'sparsed-engine[ray]'")
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v):
+        if isinstance(v, torch.dtype):
+            if not v.is_floating_point:
+                raise ValueError(f"{v} is not a floating-point dtype")
+            return v
+        if not isinstance(v, str):
+            raise type_error("must be a dtype name or a torch floating dtype")
+        if v not in DTYPE_NAMES:
+            raise ValueError(f"choose from {', '.join(DTYPE_NAMES)}")
+        return v
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device(cls, v):
+        if not _DEVICE.fullmatch(v):
+            raise ValueError("choose auto, cpu or cuda[:N]")
+        if v.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine")
+        return v
+
+    @field_validator("attention_config", mode="before")
+    @classmethod
+    def _dict_or_none(cls, v):
+        if v is not None and not isinstance(v, dict):
+            raise type_error("must be a dict or None")
+        return v
+
+    def check(self) -> None:
+        sp, backend = self.sequence_parallel_size, self.distributed_executor_backend
+        if backend == "uni" and sp > 1:
+            raise self.bad("distributed_executor_backend",
+                           f"'uni' runs one worker; sequence_parallel_size={sp} needs 'ray' or 'mp'")
+        if backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise self.bad("distributed_executor_backend", "Ray is not installed: pip install 'sparsed-engine[ray]'")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -81,8 +124,8 @@ class EngineConfig:
         if isinstance(self.dtype, torch.dtype):
             return self.dtype
         if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+            return DTYPES[self.dtype]
         if self.resolved_device() == "cpu":
             return torch.float32
-        dt = _DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
+        dt = DTYPES.get(checkpoint_dtype or "", torch.bfloat16)
         return dt if dt != torch.float32 else torch.bfloat16

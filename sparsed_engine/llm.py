@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from sparsed_engine.config import EngineConfig
 from sparsed_engine.engine.llm_engine import LLMEngine, Prompt
+from sparsed_engine.inputs import as_prompt_list
 from sparsed_engine.outputs import RequestOutput
 from sparsed_engine.sampling_params import SamplingParams
 
@@ -29,7 +30,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs):
-        self.llm_engine = LLMEngine(EngineConfig(model=str(model or DEFAULT_MODEL), **kwargs))
+        self.llm_engine = LLMEngine(EngineConfig(model=str(DEFAULT_MODEL) if model is None else model, **kwargs))
         # holds the engine, not self, so an unused LLM can still be collected (and shut down then)
         self._finalizer = weakref.finalize(self, self.llm_engine.shutdown)
         self._lock = threading.Lock()   # one generate at a time: each steps every request in the engine
@@ -52,9 +53,9 @@ class LLM:
     def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         if not self._finalizer.alive:
             raise RuntimeError("this LLM was shut down; create a new one")
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
-        if isinstance(params, SamplingParams):
+        if not isinstance(params, (list, tuple)):  # one for all (make_sequence checks its type)
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
@@ -111,12 +112,3 @@ class LLM:
 
     def __exit__(self, *exc):
         self.shutdown()
-
-
-def _as_prompt_list(prompts) -> list:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt given as token ids
-    return prompts

@@ -1,88 +1,93 @@
-"""Per-request generation settings, checked on construction (errors name the bad value)."""
+"""Per-request generation settings: strict, checked on construction, immutable afterwards (errors
+name the bad value). Unmasking policy names are each model family's business, checked when a
+request is added."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-LLADA_POLICIES = ("low_confidence", "random")
-DREAM_POLICIES = ("origin", "maskgit_plus", "topk_margin", "entropy")
+from pydantic import Field, field_validator, model_validator
+
+from sparsed_engine.validation import InvalidTypeError, StrictModel, type_error
+
+SEED_MAX = 2**63 - 1  # a torch.Generator seed, with room for per-row offsets
+# Logits are divided by a temperature: below this a float32 division overflows to inf (NaN
+# probabilities), so a temperature is 0 (greedy) or at least this. Guidance is capped likewise.
+MIN_TEMPERATURE = 1e-5
+MAX_CFG_SCALE = 1000.0
+
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
-@dataclass
-class SamplingParams:
-    """How one request is denoised.
+class SamplingParams(StrictModel):
+    """How one request is denoised."""
 
-    max_tokens: generation length (the masked region appended to the prompt).
-    steps: denoising steps over the whole request (None: one per token).
-    block_length: semi-autoregressive block size (None: one block).
-    unmasking: LLaDA `low_confidence` | `random`; Dream `origin` | `maskgit_plus` | `topk_margin` |
-        `entropy`; None takes the model's generation_config, else the official default.
-    alg_temp, eps: Dream's confidence temperature and final timestep.
-    cfg_scale: unsupervised classifier-free guidance (a second canvas with the prompt masked).
-    attention_config: per-request overrides of the engine's attention settings (e.g. SparseD's).
-    """
-    max_tokens: int = 128
-    steps: int | None = None
-    block_length: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    unmasking: str | None = None
-    alg_temp: float | None = None
-    eps: float = 1e-3
-    cfg_scale: float = 0.0
-    seed: int | None = None
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-    attention_config: dict | None = None
+    max_tokens: PositiveInt = 128
+    """Generation length: the masked region appended to the prompt."""
+    steps: PositiveInt | None = None
+    """Denoising steps over the whole request (None: one per token); divisible by the number of blocks."""
+    block_length: PositiveInt | None = None
+    """Semi-autoregressive block size (None: one block); must divide max_tokens."""
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    """Sampling temperature (0: greedy)."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: PositiveInt | None = None
+    """Keep only the k most likely tokens (None: all)."""
+    unmasking: Annotated[str, Field(min_length=1)] | None = None
+    """Unmasking policy, checked by the model family (LLaDA: low_confidence, random; Dream: origin,
+    maskgit_plus, topk_margin, entropy); None takes the model's generation_config, else the family's default."""
+    alg_temp: Annotated[float, Field(ge=0)] | None = None
+    """Dream: temperature of the confidence used to choose positions (None: the family's default)."""
+    eps: Annotated[float, Field(ge=0, lt=1)] = 1e-3
+    """Dream: final timestep of the transfer schedule."""
+    cfg_scale: Annotated[float, Field(ge=0, le=MAX_CFG_SCALE)] = 0.0
+    """Unsupervised classifier-free guidance (a second canvas with the prompt masked); 0: off."""
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = None
+    """Seed of this request's sampling (None: random); the same seed gives the same output."""
+    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(default_factory=list)
+    """Strings that end the output (not included); a single string or a list."""
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    """Token ids that end the output (besides the model's EOS)."""
+    attention_config: dict[str, Any] | None = None
+    """Per-request overrides of the engine's attention settings (e.g. SparseD's skip, select)."""
 
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.steps is None:
-            self.steps = self.max_tokens
-        if self.block_length is None:
-            self.block_length = self.max_tokens
-        self._check()
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: Any) -> Any:
+        """steps and block_length default to max_tokens (when that is a valid int)."""
+        if isinstance(data, dict):
+            mt = data.get("max_tokens", 128)
+            if type(mt) is int:
+                data = dict(data)
+                for name in ("steps", "block_length"):
+                    if data.get(name) is None:
+                        data[name] = mt
+            if isinstance(data.get("stop"), str):
+                data = {**data, "stop": [data["stop"]]}
+        return data
 
-    def _check(self):
-        def bad(name, why):
-            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+    @field_validator("stop", mode="after")
+    @classmethod
+    def _stop_list(cls, v):
+        return [] if v is None else v
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            bad("steps", "must be an integer >= 1")
-        if not isinstance(self.block_length, int) or self.block_length < 1:
-            bad("block_length", "must be an integer >= 1")
+    @field_validator("attention_config", mode="before")
+    @classmethod
+    def _dict_or_none(cls, v):
+        if v is not None and not isinstance(v, dict):
+            raise type_error("must be a dict or None")
+        return v
+
+    def check(self) -> None:
+        for name in ("temperature", "alg_temp"):
+            value = getattr(self, name)
+            if value and value < MIN_TEMPERATURE:
+                raise self.bad(name, f"must be 0 or at least {MIN_TEMPERATURE:g} (smaller overflows the logits)")
         if self.max_tokens % self.block_length:
-            bad("block_length", f"max_tokens={self.max_tokens} must be divisible by block_length")
+            raise self.bad("block_length", f"max_tokens={self.max_tokens} must be divisible by block_length")
         if self.steps % self.num_blocks:
-            bad("steps", f"must be divisible by the number of blocks "
-                         f"(max_tokens/block_length = {self.num_blocks})")
-        if self.temperature < 0:
-            bad("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            bad("top_k", "must be None or an integer >= 1")
-        if self.unmasking is not None and self.unmasking not in LLADA_POLICIES + DREAM_POLICIES:
-            bad("unmasking", f"unknown policy; choose from {LLADA_POLICIES + DREAM_POLICIES}")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            bad("alg_temp", "must be None or >= 0")
-        if not 0 <= self.eps < 1:
-            bad("eps", "must be in [0, 1)")
-        if self.cfg_scale < 0:
-            bad("cfg_scale", "must be >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer or None")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad("stop", "must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            bad("stop_token_ids", "must be non-negative integers")
-        if self.attention_config is not None and not isinstance(self.attention_config, dict):
-            bad("attention_config", "must be a dict or None")
+            raise self.bad("steps", f"must be divisible by the number of blocks "
+                                    f"(max_tokens/block_length = {self.num_blocks})")
 
     @property
     def num_blocks(self) -> int:
@@ -91,3 +96,11 @@ class SamplingParams:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+
+def validated(params) -> SamplingParams:
+    """The request's SamplingParams checked again as it is added (nothing done to it since
+    construction gets past the rules)."""
+    if not isinstance(params, SamplingParams):
+        raise InvalidTypeError(f"sampling_params={params!r:.80} must be a SamplingParams, got {type(params).__name__}")
+    return params.revalidated()

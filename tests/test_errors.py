@@ -21,12 +21,19 @@ def llada(tiny_llada_dir):
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
     (dict(top_k=0), "top_k=0"),
-    (dict(unmasking="greedy"), "unmasking='greedy'"),
     (dict(cfg_scale=-1.0), "cfg_scale=-1.0"),
 ])
 def test_sampling_params_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         SamplingParams(**kwargs)
+
+
+def test_unknown_policy_refused_when_added(llada):
+    """Policy names belong to each model family, so SamplingParams takes any name and the
+    request is refused, before any work, by the family of the model it is sent to."""
+    with pytest.raises(ValueError, match="unmasking='greedy'"):
+        llada.generate("hi", SamplingParams(max_tokens=8, unmasking="greedy"), use_tqdm=False)
+    assert not llada.llm_engine.has_unfinished_requests()
 
 
 def test_policy_of_other_family(llada, tiny_dream_dir):

@@ -18,7 +18,10 @@ from sparsed_engine.engine.sequence import Sequence
 from sparsed_engine.engine.stop import stop_string_cut
 from sparsed_engine.executor import make_executor
 from sparsed_engine.outputs import CompletionOutput, RequestOutput
-from sparsed_engine.sampling_params import SamplingParams
+from sparsed_engine import envs
+from sparsed_engine.inputs import parse_prompt
+from sparsed_engine.request_memory import check_request_fits
+from sparsed_engine.sampling_params import SamplingParams, validated
 
 Prompt = str | list[int] | dict
 
@@ -26,13 +29,15 @@ Prompt = str | list[int] | dict
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        self.envs = envs.read()  # every environment variable, validated before anything loads
         self.info = read_model_info(config.model)
         self.denoiser = get_family(self.info.family).denoiser   # the engine never names a family
         self.tokenizer = (None if config.skip_tokenizer_init
                           else load_tokenizer(config.tokenizer or config.model, config.trust_remote_code))
         self.backend_name = selected_backend_name(config.attention_backend)
         self.backend_cls = get_backend_class(self.backend_name)
-        self.backend_cls.resolve_config(config.attention_config)  # engine-wide settings fail here
+        self.backend_cls.check_device(self.backend_cls.resolve_config(config.attention_config),  # engine-wide
+                                      config.resolved_device())                                 # settings fail here
         # one rank's heads: each rank stores the patterns of its own heads under the same block ids
         self.layout = rank_layout(self.info.attention_layout, config.sequence_parallel_size)
         self.max_model_len = config.max_model_len or self.info.max_model_len
@@ -61,6 +66,7 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         """Check one request completely (raising ValueError naming the bad value) without queuing it."""
+        params = validated(params)
         if request_id is not None:
             self._check_unique(request_id)
         text, ids = self._prompt_ids(prompt)
@@ -73,7 +79,9 @@ class LLMEngine:
                 f"{len(ids) + params.max_tokens} exceeds the model's limit of {self.max_model_len} tokens; "
                 f"raise it with LLM(max_model_len=...) (SparseD targets contexts far beyond training length)")
         policy = self.denoiser.resolve_policy(params, self.info.generation_config)
+        check_request_fits(len(ids), params, self.layout, self.info.vocab_size, self.dtype, self.device)
         attn_cfg = self.backend_cls.resolve_config(self.config.attention_config, params.attention_config)
+        self.backend_cls.check_device(attn_cfg, self.device)
         rows = 2 if params.cfg_scale > 0 else 1
         blocks = rows * self.backend_cls.pattern_blocks_needed(
             self.layout, len(ids) + params.max_tokens, attn_cfg, self.scheduler.block_manager.block_bytes,
@@ -96,19 +104,12 @@ class LLMEngine:
                              f"request ids must be unique among unfinished requests")
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
+        text, ids = parse_prompt(prompt)
+        if ids is None:
             if self.tokenizer is None:
-                raise ValueError(f"prompt {prompt!r:.80} is text but skip_tokenizer_init=True: "
+                raise ValueError(f"prompt {text!r:.80} is text but skip_tokenizer_init=True: "
                                  f"pass token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
-        elif isinstance(prompt, (list, tuple)):
-            text, ids = None, prompt
-        else:
-            raise ValueError(f"prompt {prompt!r:.80} must be a string, a list of token ids, "
-                             f"or a dict with 'prompt_token_ids'")
-        ids = [int(t) for t in ids]
+            ids = self.tokenizer.encode(text)
         if not ids:
             raise ValueError("prompt is empty: a diffusion LM needs at least one prompt token")
         vocab = self.info.vocab_size

@@ -1,79 +1,92 @@
-"""`sparsed-engine generate [--model DIR] --prompt "..."`: generate from the command line."""
+"""`sparsed-engine generate [--model DIR] --prompt "..."`: generate from the command line.
+
+The engine and sampling flags are generated from EngineConfig and SamplingParams (arg_utils.py).
+Every error, from a bad flag to an engine refusal, is one `error: ...` line on stderr and exit
+status 2.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from typing import NoReturn
 
-from sparsed_engine.llm import LLM
-from sparsed_engine.sampling_params import SamplingParams
+from sparsed_engine.entrypoints.arg_utils import (add_engine_args, add_sampling_args, engine_kwargs_from_args,
+                                                  sampling_kwargs_from_args)
+from sparsed_engine.inputs import parse_prompt
+
+PROMPT_FORMATS = ("text", "jsonl")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsed-engine")
-    sub = p.add_subparsers(dest="command", required=True)
+class CliError(Exception):
+    """A command-line problem reported as one error line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise CliError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sparsed-engine", description="A vLLM-style engine for diffusion LMs with SparseD attention")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text for one or more prompts")
-    g.add_argument("--model", default=None,
-                   help="local Hugging Face model folder (default: the bundled tiny LLaDA, sparsed_engine/default_model)")
-    g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    g.add_argument("--prompt-file", help="a file with one prompt per line, or a JSON list of prompts")
-    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--block-length", type=int, default=None)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--unmasking", default=None)
-    g.add_argument("--alg-temp", type=float, default=None)
-    g.add_argument("--cfg-scale", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=None)
-    g.add_argument("--attention-backend", default=None)
-    g.add_argument("--attention-config", type=json.loads, default=None, help='JSON, e.g. \'{"skip": 0.2}\'')
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--load-format", default="auto")
-    g.add_argument("--mask-pool-bytes", type=int, default=None)
-    g.add_argument("--trust-remote-code", action="store_true")
-    g.add_argument("--sequence-parallel-size", type=int, default=1,
-                   help="spread each sequence over this many GPUs (Ulysses sequence parallelism)")
-    g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "ray", "mp"],
-                   help="default: uni for one GPU, ray for more (mp: local processes, no Ray)")
-    g.add_argument("--no-progress", action="store_true")
+    io = g.add_argument_group("prompts and output")
+    io.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    io.add_argument("--prompt-file", help="a file of prompts: one per line (see --prompt-format)")
+    io.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="text",
+                    help="text: each non-empty line is a prompt; jsonl: each non-empty line is a JSON object "
+                         "with 'prompt' (text) or 'prompt_token_ids' (default: text)")
+    io.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_args(g)
+    add_sampling_args(g)
     return p
 
 
-def _read_prompts(args) -> list[str]:
+def _read_prompt_file(path: str, fmt: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if fmt == "text":
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CliError(f"{path}:{n}: not a JSON object ({e})") from None
+        if not isinstance(obj, dict):
+            raise CliError(f"{path}:{n}: each line must be a JSON object with 'prompt' or 'prompt_token_ids'")
+        try:
+            parse_prompt(obj, f"{path}:{n}")
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        prompts.append(obj)
+    return prompts
+
+
+def _read_prompts(args) -> list:
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-        try:
-            loaded = json.loads(text)
-            prompts += loaded if isinstance(loaded, list) else [str(loaded)]
-        except json.JSONDecodeError:
-            prompts += [line for line in text.splitlines() if line.strip()]
+        prompts += _read_prompt_file(args.prompt_file, args.prompt_format)
     if not prompts:
-        raise ValueError("no prompt given: use --prompt or --prompt-file")
+        raise CliError("no prompt given: use --prompt or --prompt-file")
+    if args.chat and not all(isinstance(p, str) for p in prompts):
+        raise CliError("--chat takes text prompts, not token ids")
     return prompts
 
 
 def generate(args) -> None:
+    from sparsed_engine.llm import LLM
+    from sparsed_engine.sampling_params import SamplingParams
+
     prompts = _read_prompts(args)
-    params = SamplingParams(
-        max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, unmasking=args.unmasking,
-        alg_temp=args.alg_temp, cfg_scale=args.cfg_scale, seed=args.seed, stop=args.stop)
+    params = SamplingParams(**sampling_kwargs_from_args(args))
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              attention_backend=args.attention_backend, attention_config=args.attention_config,
-              load_format=args.load_format, mask_pool_bytes=args.mask_pool_bytes,
-              trust_remote_code=args.trust_remote_code, sequence_parallel_size=args.sequence_parallel_size,
-              distributed_executor_backend=args.distributed_executor_backend)
-    with llm:
+    with LLM(**engine_kwargs_from_args(args)) as llm:
         t_load = time.perf_counter() - t0
         t0 = time.perf_counter()
         if args.chat:
@@ -93,13 +106,23 @@ def generate(args) -> None:
           f"backend {backend}")
 
 
+def _error_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (CliError, ValueError, TypeError, OSError)):
+        return f"error: {text}"
+    return f"error: {type(e).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.command == "generate":
             generate(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the command line never shows a traceback: one line, status 2
+        print(_error_line(e), file=sys.stderr)
         return 2
     return 0
 
