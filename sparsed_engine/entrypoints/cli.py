@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from sparsed_engine.entrypoints.openai.cli_args import add_engine_args, add_serve_args, engine_kwargs_from_args, run_server
 from sparsed_engine.llm import LLM
 from sparsed_engine.sampling_params import SamplingParams
 
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-executor-backend", default=None, choices=["uni", "ray", "mp"],
                    help="default: uni for one GPU, ray for more (mp: local processes, no Ray)")
     g.add_argument("--no-progress", action="store_true")
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_engine_args(s)
+    add_serve_args(s)
     return p
 
 
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "serve":
+            run_server(args, engine_kwargs_from_args(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
