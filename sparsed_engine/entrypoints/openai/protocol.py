@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparsed_engine.sampling_params import SamplingParams
 
@@ -100,6 +100,10 @@ class _SamplingRequest(OpenAIBaseModel):
     def max_tokens_value(self) -> int | None:
         return self.max_tokens
 
+    def api_name(self, param: str | None) -> str | None:
+        """The request field a SamplingParams field came from."""
+        return param
+
     def sampling_params(self) -> SamplingParams:
         """The engine's own validation raises ValueError/TypeError naming the field."""
         kwargs = {name: getattr(self, name) for name in _SAMPLING_FIELDS if getattr(self, name) is not None}
@@ -110,6 +114,13 @@ class _SamplingRequest(OpenAIBaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, p):
+        if isinstance(p, list) and not p:
+            raise ValueError("the prompt list is empty")
+        return p
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -143,6 +154,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def max_tokens_value(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def api_name(self, param: str | None) -> str | None:
+        if param == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return param
 
 
 # ---------------------------------------------------------------- responses

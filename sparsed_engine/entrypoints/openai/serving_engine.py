@@ -117,7 +117,9 @@ class OpenAIServing:
             params: SamplingParams = request.sampling_params()
             seqs = [await self.llm.add_request(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
         except (ValueError, TypeError) as e:
-            raise bad_request(e, prompt_param) from e
+            err = bad_request(e, prompt_param)
+            err.param = request.api_name(err.param)
+            raise err from e
         except (QueueFullError, EngineDeadError) as e:
             raise engine_error(e) from e
         return seqs
