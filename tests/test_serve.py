@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -60,6 +61,16 @@ def serve(llm: AsyncLLM, api_key: str | None = KEY):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The engine thread, uvicorn and the client share this process: one intra-op thread keeps
+    them from oversubscribing a small machine (the model is tiny)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +187,8 @@ def test_disconnected_client_is_aborted_while_others_finish(url, engine, offline
     """The long request selects its sparse pattern at step 1 (skip 0), then its client goes away."""
     others = [f"Other {i} asks" for i in range(3)]
     want = [o.outputs[0].text for o in offline.generate(others, SamplingParams(**SHORT, seed=5), use_tqdm=False)]
-    long_body = {"model": MODEL, "prompt": "A long one", "max_tokens": 512, "stream": True,
-                 "steps": 512, "block_length": 8, "attention_config": {"skip": 0.0}}
+    long_body = {"model": MODEL, "prompt": "A long one", "max_tokens": 128, "stream": True,
+                 "steps": 128, "block_length": 8, "attention_config": {"skip": 0.0}}
 
     async def run():
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http, \
@@ -194,9 +205,24 @@ def test_disconnected_client_is_aborted_while_others_finish(url, engine, offline
             # the stream is closed here: the client went away mid-stream
             return [(await t).choices[0].text for t in finish]
 
+    before = _scrape(url)
     assert asyncio.run(run()) == want
     wait_for(lambda: (s := stats(engine))["num_running"] == 0 and s["num_waiting"] == 0
              and s["mask_pool"]["used_bytes"] == 0, "the aborted request to leave the engine")
+    key = ("sparsed:request_success_total", (("finished_reason", "abort"),))
+    assert _scrape(url).get(key, 0) - before.get(key, 0) == 1
+
+
+def test_disconnected_non_streaming_client_is_aborted(url, engine):
+    async def run():
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+            task = asyncio.create_task(http.post("/v1/completions", json={
+                "model": MODEL, "prompt": "A long one", "max_tokens": 128, "steps": 128}))
+            await asyncio.to_thread(wait_for, lambda: engine.stats["num_running"] == 1, "the request to run")
+            task.cancel()   # the client goes away: httpx closes the connection
+
+    asyncio.run(run())
+    wait_for(lambda: stats(engine)["num_running"] == 0, "the abandoned request to be aborted")
 
 
 # ---------------------------------------------------------------- errors

@@ -127,8 +127,12 @@ class AsyncLLM:
 
     async def run_in_loop(self, fn: Callable[[LLMEngine], object]):
         """fn(engine) on the loop thread at the next step boundary (e.g. get_stats, which may call workers)."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
         fut = asyncio.get_running_loop().create_future()
         self._commands.put(("call", (fn, fut)))
+        if self.dead is not None:   # the loop died after our check: nobody else drains the queue
+            self._fail_commands(EngineDeadError(f"the engine is dead: {self.dead}"))
         return await fut
 
     def shutdown(self) -> None:

@@ -16,6 +16,23 @@ from sparsed_engine.entrypoints.openai.serving_completion import OpenAIServingCo
 from sparsed_engine.entrypoints.openai.serving_engine import APIError, error_response, until_disconnected
 
 
+class APIKeyMiddleware:
+    """Every /v1 request needs 'Authorization: Bearer <key>'. A plain ASGI middleware: starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from the endpoint."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                          "AuthenticationError", None, "invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None) -> FastAPI:
     if not model_names:
         raise ValueError("model_names is empty: the server must serve at least one name")
@@ -25,14 +42,8 @@ def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None)
     chat = OpenAIServingChat(llm, model_names, metrics)
     app.state.llm, app.state.metrics = llm, metrics
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                      "AuthenticationError", None, "invalid_api_key")
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_, exc: RequestValidationError):

@@ -67,5 +67,9 @@ class ServerMetrics:
         self.ttft.labels(m).observe(ttft)
         self.e2e.labels(m).observe(e2e)
 
+    def record_abort(self) -> None:
+        """A request that ended without its final output (its client went away, or the engine died)."""
+        self.success.labels(self.model_name, "abort").inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

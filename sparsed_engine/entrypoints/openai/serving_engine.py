@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from sparsed_engine.entrypoints.openai.protocol import ErrorInfo, ErrorResponse,
 from sparsed_engine.outputs import RequestOutput
 from sparsed_engine.sampling_params import SamplingParams
 
+logger = logging.getLogger("sparsed_engine.serve")
 _PARAM_IN_MESSAGE = re.compile(r"SamplingParams\.(\w+)=")
 
 
@@ -88,9 +90,11 @@ class Choice:
         if out.outputs[0].token_ids and self.first_token is None:
             self.first_token = time.perf_counter()
         if out.finished:
-            self.final = out
-            # the final text extends what was sent (the prefix is append-only); never resend
-            return text[len(self.sent):] if text.startswith(self.sent) else ""
+            if not text.startswith(self.sent):   # decoding a prefix is expected to give a prefix of the text
+                logger.warning("request %s: streamed %r is not a prefix of the final text %r",
+                               out.request_id, self.sent, text)
+                return ""
+            return text[len(self.sent):]   # the rest, never resending what was sent
         ready = releasable(text, self.stops)
         if len(ready) <= len(self.sent) or not ready.startswith(self.sent):
             return ""
@@ -145,11 +149,15 @@ class OpenAIServing:
                     raise engine_error(item) if isinstance(item, EngineDeadError) else item
                 if item.finished:
                     remaining -= 1
+                    choice.final = item
                     self._record(choice, item)
                 yield choice, item
         finally:
             for t in tasks:
                 t.cancel()   # an unfinished stream's cancellation aborts its request
+            for choice in choices:
+                if choice.final is None:
+                    self.metrics.record_abort()
 
     def _record(self, choice: Choice, out: RequestOutput) -> None:
         now = time.perf_counter()
