@@ -8,9 +8,10 @@ requests through offline `LLM.generate` in this process and reports the server's
 of it. Prints a table; writes serve.json (per-request records and the summary), serve.md and serve.png
 (when matplotlib is installed) to --out.
 
-    # LLaDA-8B shape, random bf16 weights, one GPU (see benchmarks/RESULTS.md):
-    python -m benchmarks.serve --llada8b --prompt-len 512 --num-requests 32 --out $OUT/short
-    python -m benchmarks.serve --llada8b --prompt-len 16384 --num-requests 2 --steps 32 --no-offline --out $OUT/long
+    # LLaDA-8B shape, random bf16 weights, one GPU (see benchmarks/RESULTS.md); the server needs the
+    # [serve] extra (benchmarks/serve_wheels.sh builds its wheels for an offline machine):
+    python -m benchmarks.serve --llada8b --prompt-len 512 --num-requests 16 --out $OUT/short
+    python -m benchmarks.serve --llada8b --prompt-len 16384 --num-requests 2 --no-offline --out $OUT/long
     # CPU, bundled tiny model: checks it runs
     python -m benchmarks.serve --prompt-len 64 --max-tokens 32 --steps 8 --num-requests 8 --out /tmp/serve
 """
@@ -155,6 +156,8 @@ def run_offline(model: str, backend: str, prompts: list[list[int]], args) -> dic
     sync()
     seconds = time.perf_counter() - t0
     llm.shutdown()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()   # the next backend's server gets the memory back
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"seconds": seconds, "requests_per_s": len(prompts) / seconds, "output_tokens_per_s": tokens / seconds,
             "texts": [o.outputs[0].text for o in outs]}
