@@ -321,6 +321,8 @@ def test_async_llm_streams_prefixes_and_aborts(engine, offline):
         outs = [o async for o in engine.generate("Hello world", params, "direct-1")]
         agen = engine.generate("Hello world", SamplingParams(max_tokens=256, steps=256, block_length=8), "direct-2")
         await agen.__anext__()
+        with pytest.raises(ValueError, match="request_id='direct-2' is already running"):
+            [o async for o in engine.generate("Hello", params, "direct-2")]
         engine.abort("direct-2")
         rest = [o async for o in agen]
         with pytest.raises(ValueError, match="SamplingParams.unmasking='origin' is not a llada policy"):

@@ -61,6 +61,7 @@ class AsyncLLM:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self.dead: BaseException | None = None
+        self._closed = False
         self.num_steps = 0
         self.stats = engine.get_stats()          # refreshed by the loop after every step
         self._thread = threading.Thread(target=self._run, name="sparsed-engine-loop", daemon=True)
@@ -137,6 +138,9 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         """Stop the loop (pending requests end with EngineDeadError) and release the executor; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join()
@@ -161,7 +165,7 @@ class AsyncLLM:
                         commands.append(self._commands.get_nowait())
                     except queue.Empty:
                         break
-                if not all(self._handle(c) for c in commands):
+                if not all([self._handle(c) for c in commands]):   # every one handled, then stop
                     raise EngineDeadError("the engine was shut down")
                 if not engine.has_unfinished_requests():
                     self.stats = engine.get_stats()   # an abort may have emptied the engine
@@ -183,8 +187,12 @@ class AsyncLLM:
         if kind == "add":
             with self._lock:
                 self._pending_adds -= 1
-            self.engine.add_sequence(arg.seq)
-            self._streams[arg.seq.request_id] = arg
+            rid = arg.seq.request_id
+            if rid in self._streams:
+                arg.put(ValueError(f"request_id={rid!r} is already running; request ids must be unique"))
+            else:
+                self.engine.add_sequence(arg.seq)
+                self._streams[rid] = arg
         elif kind == "abort":
             stream = self._streams.pop(arg, None)
             out = self.engine.abort_request(arg)

@@ -87,8 +87,6 @@ class Choice:
     def delta(self, out: RequestOutput) -> str:
         """Text to send now: new releasable text, or at the finish whatever remains."""
         text = out.outputs[0].text
-        if out.outputs[0].token_ids and self.first_token is None:
-            self.first_token = time.perf_counter()
         if out.finished:
             if not text.startswith(self.sent):   # decoding a prefix is expected to give a prefix of the text
                 logger.warning("request %s: streamed %r is not a prefix of the final text %r",
@@ -147,6 +145,8 @@ class OpenAIServing:
                 choice, item = await queue.get()
                 if isinstance(item, Exception):
                     raise engine_error(item) if isinstance(item, EngineDeadError) else item
+                if choice.first_token is None and item.outputs[0].token_ids:
+                    choice.first_token = time.perf_counter()
                 if item.finished:
                     remaining -= 1
                     choice.final = item
