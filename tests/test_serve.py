@@ -384,6 +384,19 @@ def test_killed_worker_makes_health_503(tiny_llada_dir):
     llm.shutdown()
 
 
+def test_worker_killed_while_idle_makes_health_503(tiny_llada_dir):
+    """/health asks the workers: no request needs to run for a dead one to be noticed."""
+    llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), sequence_parallel_size=2,
+                                    distributed_executor_backend="mp")
+    with serve(llm, api_key=None) as base:
+        assert httpx.get(f"{base}/health").status_code == 200
+        rank0 = [p for p in multiprocessing.active_children() if p.name == "sparsed-rank-0"]
+        os.kill(rank0[0].pid, signal.SIGKILL)
+        wait_for(lambda: httpx.get(f"{base}/health").status_code == 503, "/health to notice")
+        assert "worker rank 0" in httpx.get(f"{base}/health").json()["error"]["message"]
+    llm.shutdown()
+
+
 # ---------------------------------------------------------------- the command line
 def test_cli_serve_key_from_env_and_clean_sigterm(tiny_llada_dir):
     env = {**os.environ, "SPARSED_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from sparsed_engine.config import EngineConfig
 from sparsed_engine.engine.llm_engine import LLMEngine, Prompt
 from sparsed_engine.engine.sequence import Sequence
+from sparsed_engine.executor.base import ExecutorDeadError
 from sparsed_engine.outputs import CompletionOutput, RequestOutput
 from sparsed_engine.sampling_params import SamplingParams
 
@@ -136,6 +137,12 @@ class AsyncLLM:
             self._fail_commands(EngineDeadError(f"the engine is dead: {self.dead}"))
         return await fut
 
+    async def check_health(self) -> None:
+        """An idle engine asks its workers (through get_stats) so that it notices a killed one too
+        (a dead worker ends the loop); a busy one learns it from its next step without waiting."""
+        if self.stats["num_running"] == 0 and self.num_waiting() == 0:
+            await self.run_in_loop(lambda engine: engine.get_stats())
+
     def shutdown(self) -> None:
         """Stop the loop (pending requests end with EngineDeadError) and release the executor; idempotent."""
         if self._closed:
@@ -204,6 +211,8 @@ class AsyncLLM:
                 result = fn(self.engine)
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 fut.get_loop().call_soon_threadsafe(_settle, fut, None, e)
+                if isinstance(e, ExecutorDeadError):
+                    raise   # a probe that found a dead worker ends the loop as a failed step does
             else:
                 fut.get_loop().call_soon_threadsafe(_settle, fut, result, None)
         return kind != "stop"

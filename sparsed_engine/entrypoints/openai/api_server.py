@@ -1,6 +1,8 @@
 """The FastAPI app: OpenAI routes over an AsyncLLM, /health, /version, /metrics."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 
 from fastapi import FastAPI, Request
@@ -8,12 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import sparsed_engine
-from sparsed_engine.engine.async_llm import AsyncLLM
+from sparsed_engine.engine.async_llm import AsyncLLM, EngineDeadError
 from sparsed_engine.entrypoints.openai.metrics import ServerMetrics
 from sparsed_engine.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from sparsed_engine.entrypoints.openai.serving_chat import OpenAIServingChat
 from sparsed_engine.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sparsed_engine.entrypoints.openai.serving_engine import APIError, error_response, until_disconnected
+from sparsed_engine.executor.base import ExecutorDeadError
+
+HEALTH_PROBE_S = 5.0   # how long /health waits for the workers' answer
 
 
 class APIKeyMiddleware:
@@ -63,6 +68,10 @@ def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None)
 
     @app.get("/health")
     async def health():
+        if llm.is_healthy:
+            # a busy engine answers at its next step boundary; past the wait, its steps will tell
+            with contextlib.suppress(asyncio.TimeoutError, EngineDeadError, ExecutorDeadError):
+                await asyncio.wait_for(llm.check_health(), HEALTH_PROBE_S)
         if llm.is_healthy:
             return Response(status_code=200)
         return error_response(503, f"the engine is dead: {llm.dead}", "ServiceUnavailableError", None, "engine_dead")
