@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
@@ -11,6 +12,10 @@ from pydantic import Field, field_validator, model_validator
 
 from model_executor.model_loader import LOAD_FORMATS
 from sparsed_engine.validation import StrictModel, type_error
+
+# A small LLaDA-architecture DLM trained for this project (examples/train_tiny_dlm.py), shipped so
+# that the engine runs out of the box and SparseD's fidelity can be measured on real attention.
+DEFAULT_MODEL = Path(__file__).with_name("default_model")
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,

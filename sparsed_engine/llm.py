@@ -3,20 +3,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from pathlib import Path
 from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from sparsed_engine.config import EngineConfig
+from sparsed_engine.config import DEFAULT_MODEL, EngineConfig
 from sparsed_engine.engine.llm_engine import LLMEngine, Prompt
 from sparsed_engine.inputs import as_prompt_list
 from sparsed_engine.outputs import RequestOutput
 from sparsed_engine.sampling_params import SamplingParams
-
-# A small LLaDA-architecture DLM trained for this project (examples/train_tiny_dlm.py), shipped so
-# that the engine runs out of the box and SparseD's fidelity can be measured on real attention.
-DEFAULT_MODEL = Path(__file__).with_name("default_model")
 
 
 class LLM:

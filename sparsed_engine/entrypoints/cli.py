@@ -1,4 +1,5 @@
-"""`sparsed-engine generate [--model DIR] --prompt "..."`: generate from the command line.
+"""`sparsed-engine generate [--model DIR] --prompt "..."`: generate from the command line;
+`sparsed-engine serve [--model DIR]`: an OpenAI-compatible server (entrypoints/openai).
 
 The engine and sampling flags are generated from EngineConfig and SamplingParams (arg_utils.py).
 Every error, from a bad flag to an engine refusal, is one `error: ...` line on stderr and exit
@@ -14,6 +15,7 @@ from typing import NoReturn
 
 from sparsed_engine.entrypoints.arg_utils import (add_engine_args, add_sampling_args, engine_kwargs_from_args,
                                                   sampling_kwargs_from_args)
+from sparsed_engine.entrypoints.openai.cli_args import add_serve_args, run_server
 from sparsed_engine.inputs import parse_prompt
 
 PROMPT_FORMATS = ("text", "jsonl")
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(g)
     add_sampling_args(g)
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_engine_args(s)
+    add_serve_args(s)
     return p
 
 
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "generate":
             generate(args)
+        elif args.command == "serve":
+            run_server(args, engine_kwargs_from_args(args))
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,267 @@
+"""AsyncLLM: an LLMEngine driven by one loop thread, for many concurrent callers (the server).
+
+The loop thread owns the engine (and through it the executor and the GPU): it steps while any
+request is unfinished, and only between two steps does it take in new requests and aborts, so
+requests join the running batch at the next step boundary (step-level continuous batching; the
+scheduler still decides admission). After every step each request's stream receives an output when
+its *committed contiguous prefix* (generated tokens before the first still-masked position) grew,
+and a final output when it finished. Request validation (`LLMEngine.make_sequence`, which
+allocates nothing) runs in the caller's task, so a bad request fails alone and at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from sparsed_engine.config import DEFAULT_MODEL, EngineConfig
+from sparsed_engine.engine.llm_engine import LLMEngine, Prompt
+from sparsed_engine.engine.sequence import Sequence
+from sparsed_engine.executor.base import ExecutorDeadError
+from sparsed_engine.outputs import CompletionOutput, RequestOutput
+from sparsed_engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (the executor died, or a step failed): no request can run any more."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests wait for admission than max_waiting allows."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    seq: Sequence
+    out: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    sent_tokens: int = 0   # length of the committed prefix last reported
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class AsyncLLM:
+    """`async for out in llm.generate(prompt, params, request_id)`: outputs as the prefix grows,
+    the last one with `finished=True`; `llm.abort(request_id)` ends a request at the next step
+    boundary and frees its pattern-pool blocks; `llm.shutdown()` stops the loop and the executor."""
+
+    def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
+        if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
+            raise ValueError(f"max_waiting={max_waiting!r}: must be None or an integer >= 0")
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_waiting = max_waiting
+        self._stop_ids = frozenset(engine.eos_token_ids)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}   # owned by the loop thread
+        self._pending_adds = 0                   # requests handed over but not yet in the engine
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self.dead: BaseException | None = None
+        self._closed = False
+        self.num_steps = 0
+        self.stats = engine.get_stats()          # refreshed by the loop after every step
+        self._thread = threading.Thread(target=self._run, name="sparsed-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, model: str | None = None, max_waiting: int | None = None, **kwargs) -> "AsyncLLM":
+        return cls(LLMEngine(EngineConfig(model=str(DEFAULT_MODEL) if model is None else model, **kwargs)),
+                   max_waiting)
+
+    # ---------------------------------------------------------------- callers (any event loop)
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead is None and self._thread.is_alive()
+
+    def num_waiting(self) -> int:
+        return self.stats["num_waiting"] + self._pending_adds
+
+    async def generate(self, prompt: Prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate (ValueError/TypeError naming the value, before anything is queued), queue, stream.
+
+        Leaving the iteration early (the consumer is cancelled, e.g. its HTTP client went away)
+        aborts the request."""
+        seq = await self.add_request(prompt, params, request_id)
+        async for out in self.stream(seq):
+            yield out
+
+    async def add_request(self, prompt: Prompt, params: SamplingParams,
+                          request_id: str | None = None) -> Sequence:
+        """Validate and queue one request; its outputs come from `stream(seq)`."""
+        self._check_accepting()
+        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+        # tokenizing a long prompt takes a while: off the event loop, beside the engine loop
+        seq = await asyncio.to_thread(self.engine.make_sequence, prompt, params, rid)
+        self._check_accepting()
+        return seq
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[RequestOutput]:
+        out: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._pending_adds += 1
+        self._commands.put(("add", _Stream(seq, out, asyncio.get_running_loop())))
+        if self.dead is not None:   # the loop died after our check: nobody else drains the queue
+            self._fail_commands(EngineDeadError(f"the engine is dead: {self.dead}"))
+        finished = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """End the request at the next step boundary (its stream gets a final 'abort' output)."""
+        self._commands.put(("abort", request_id))
+
+    async def run_in_loop(self, fn: Callable[[LLMEngine], object]):
+        """fn(engine) on the loop thread at the next step boundary (e.g. get_stats, which may call workers)."""
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", (fn, fut)))
+        if self.dead is not None:   # the loop died after our check: nobody else drains the queue
+            self._fail_commands(EngineDeadError(f"the engine is dead: {self.dead}"))
+        return await fut
+
+    async def check_health(self) -> None:
+        """An idle engine asks its workers (through get_stats) so that it notices a killed one too
+        (a dead worker ends the loop); a busy one learns it from its next step without waiting."""
+        if self.stats["num_running"] == 0 and self.num_waiting() == 0:
+            await self.run_in_loop(lambda engine: engine.get_stats())
+
+    def shutdown(self) -> None:
+        """Stop the loop (pending requests end with EngineDeadError) and release the executor; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._commands.put(("stop", None))
+            self._thread.join()
+        self.engine.shutdown()
+
+    def _check_accepting(self) -> None:
+        if not self.is_healthy:
+            raise EngineDeadError(f"the engine is dead: {self.dead}")
+        if self.max_waiting is not None and self.num_waiting() >= self.max_waiting:
+            raise QueueFullError(f"{self.num_waiting()} requests are waiting for admission, the limit "
+                                 f"(max_waiting={self.max_waiting}); retry later")
+
+    # ---------------------------------------------------------------- the loop thread
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                commands = [] if busy else [self._commands.get()]   # idle: sleep until work arrives
+                while True:
+                    try:
+                        commands.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if not all([self._handle(c) for c in commands]):   # every one handled, then stop
+                    raise EngineDeadError("the engine was shut down")
+                if not engine.has_unfinished_requests():
+                    self.stats = engine.get_stats()   # an abort may have emptied the engine
+                    continue
+                finished = engine.step()
+                self.num_steps += 1
+                self.stats = engine.get_stats()
+                self._publish(finished)
+        except BaseException as e:  # noqa: BLE001 - a failed step ends every request, not the process
+            self.dead = e
+            err = e if isinstance(e, EngineDeadError) else EngineDeadError(f"the engine is dead: {type(e).__name__}: {e}")
+            for stream in self._streams.values():
+                stream.put(err)
+            self._streams.clear()
+            self._fail_commands(err)
+
+    def _handle(self, command) -> bool:
+        kind, arg = command
+        if kind == "add":
+            with self._lock:
+                self._pending_adds -= 1
+            rid = arg.seq.request_id
+            if rid in self._streams:
+                arg.put(ValueError(f"request_id={rid!r} is already running; request ids must be unique"))
+            else:
+                self.engine.add_sequence(arg.seq)
+                self._streams[rid] = arg
+        elif kind == "abort":
+            stream = self._streams.pop(arg, None)
+            out = self.engine.abort_request(arg)
+            if stream is not None and out is not None:
+                stream.put(out)
+        elif kind == "call":
+            fn, fut = arg
+            try:
+                result = fn(self.engine)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                fut.get_loop().call_soon_threadsafe(_settle, fut, None, e)
+                if isinstance(e, ExecutorDeadError):
+                    raise   # a probe that found a dead worker ends the loop as a failed step does
+            else:
+                fut.get_loop().call_soon_threadsafe(_settle, fut, result, None)
+        return kind != "stop"
+
+    def _fail_commands(self, err: BaseException) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._lock:
+                    self._pending_adds -= 1
+                arg.put(err)
+            elif kind == "call":
+                arg[1].get_loop().call_soon_threadsafe(_settle, arg[1], None, err)
+
+    def _publish(self, finished: list[RequestOutput]) -> None:
+        for out in finished:
+            stream = self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream.put(out)
+        for stream in self._streams.values():
+            ids = self._committed_prefix(stream.seq)
+            if len(ids) > stream.sent_tokens:
+                stream.sent_tokens = len(ids)
+                stream.put(self._partial_output(stream.seq, ids))
+
+    def _committed_prefix(self, seq: Sequence) -> list[int]:
+        """Generated tokens before the first still-masked position, cut at the first stop token."""
+        ids = seq.generated_token_ids()
+        mask = seq.mask_token_id
+        stop = self._stop_ids | set(seq.params.stop_token_ids)
+        for i, t in enumerate(ids):
+            if t == mask or t in stop:
+                return ids[:i]
+        return ids
+
+    def _partial_output(self, seq: Sequence, ids: list[int]) -> RequestOutput:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt,
+                             prompt_token_ids=seq.prompt_token_ids,
+                             outputs=[CompletionOutput(0, text, ids)], finished=False)
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
