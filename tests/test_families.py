@@ -36,7 +36,7 @@ def test_engine_never_names_a_family():
 
 def test_policy_validation_names_the_value(tiny_llada_dir, tiny_dream_dir):
     dream = LLM(model=str(tiny_dream_dir))
-    with pytest.raises(ValueError, match=r"SamplingParams.alg_temp=inf: must be None or a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"SamplingParams.alg_temp=inf: "):
         dream.generate("hi", SamplingParams(max_tokens=8, unmasking="maskgit_plus", alg_temp=float("inf")),
                        use_tqdm=False)
     llada = LLM(model=str(tiny_llada_dir))

@@ -7,7 +7,6 @@ which tokens. The engine never branches on a family's name: all that differs liv
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -38,7 +37,8 @@ class Denoiser(ABC):
         return policy
 
     def check(self, params: Any, policy: str) -> None:
-        """Family-specific settings (e.g. Dream's alg_temp and eps); ValueError naming the value."""
+        """Family-specific settings beyond SamplingParams' own checks (e.g. LLaDA refuses Dream's
+        alg_temp); ValueError naming the value."""
 
     @abstractmethod
     def transfer(self, num_masked: int, step_in_block: int, params: Any) -> tuple[int, float]:
@@ -50,8 +50,3 @@ class Denoiser(ABC):
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Given float32 logits [M, vocab] of the block's masked positions (canvas order), return
         (indices into those M, chosen token ids) to commit. Runs on the device of the logits."""
-
-
-def finite_at_least_zero(name: str, value) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"SamplingParams.{name}={value!r}: must be None or a finite number >= 0")

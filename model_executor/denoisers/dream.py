@@ -3,13 +3,12 @@ model was adapted from an autoregressive one), a timestep schedule from 1 down t
 `origin`, `maskgit_plus`, `topk_margin` and `entropy` algorithms."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model_executor.denoisers.base import Denoiser, finite_at_least_zero
+from model_executor.denoisers.base import Denoiser
 from model_executor.denoisers.filters import filtered_logits
 from model_executor.step_input import RequestSampling
 
@@ -57,12 +56,6 @@ class DreamDenoiser(Denoiser):
     policy_key = "alg"
     default_policy = "origin"
     logits_shift = 1
-
-    def check(self, params: Any, policy: str) -> None:
-        finite_at_least_zero("alg_temp", params.alg_temp)
-        eps = params.eps
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and 0 <= eps < 1):
-            raise ValueError(f"SamplingParams.eps={eps!r}: Dream's final timestep must be in [0, 1)")
 
     def transfer(self, num_masked: int, step_in_block: int, params: Any) -> tuple[int, float]:
         steps, eps = params.steps_per_block, params.eps
