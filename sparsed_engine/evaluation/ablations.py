@@ -1,8 +1,9 @@
-"""The two ablations SparseD's paper reports as failing, as attention backends for the engine.
+"""The two ablations SparseD's paper reports as failing, and a probe that measures the pattern,
+as attention backends for the engine.
 
-Both subclass SparseDBackend and change one decision; they are registered through the same
-entry-point group as every backend, from a throwaway dist-info that `register()` puts on sys.path,
-so the engine loads them by name like a third-party package.
+Each subclasses SparseDBackend and changes one decision or adds a measurement; they are registered
+through the same entry-point group as every backend, from a throwaway dist-info that `register()`
+puts on sys.path, so the engine loads them by name like a third-party package.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from attention_backends.base import SELECT, SPARSE
 from attention_backends.registry import GROUP
+from attention_backends import sparse_ops
 from attention_backends.sparsed import SparseDBackend
 
 
@@ -41,7 +43,32 @@ class SlidingWindowBackend(SparseDBackend):
         return rank[None] < counts
 
 
-BACKENDS = {cls.name: cls for cls in (SparseFromStep0Backend, SlidingWindowBackend)}
+class PatternProbeBackend(SparseDBackend):
+    """SparseD unchanged, plus two measurements at every sparse step, per row and layer, appended
+    to `records`: `mass`, the share of the dense attention probability (the model's own softmax
+    over all keys, summed per tile) that falls inside the kept tiles, averaged over heads and query
+    blocks; `jaccard`, |stored & now| / |stored | now| between the stored pattern and the one the
+    selection would choose on this step's q/k (the pattern's drift since the selection step)."""
+    name = "sparsed_probe"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records: list[dict] = []
+
+    def _sparse(self, q, k, v, g, layer, out):
+        super()._sparse(q, k, v, g, layer, out)
+        for row in g.rows:
+            s, e = row.start, row.start + row.length
+            kept = self.load_tiles(row, layer)
+            dense, _ = sparse_ops.importance(q[s:e], k[s:e], self.layout.scale, row.config.block_size,
+                                             row.gen_block, row.config.kernel)
+            mass = ((dense * kept).sum(-1) / dense.sum(-1).clamp_min(1e-30)).mean().item()
+            now = self._choose(q[s:e], k[s:e], row)
+            jaccard = ((now & kept).sum() / (now | kept).sum().clamp_min(1)).item()
+            self.records.append({"layer": layer, "mass": mass, "jaccard": jaccard})
+
+
+BACKENDS = {cls.name: cls for cls in (SparseFromStep0Backend, SlidingWindowBackend, PatternProbeBackend)}
 
 
 def register() -> None:
