@@ -143,6 +143,17 @@ def _common_words(b: _Builder) -> Sample:
     return Sample("common_words", ids + question, common)
 
 
+def make_sample(tokenizer, task: str, length: int, rng: random.Random, depth: float | None = None) -> Sample:
+    """One sample of `task` at canvas length `length`; niah tasks put the asked needle at `depth`
+    (random when None)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown tasks {[task]}; known: {list(TASKS)}")
+    b = _Builder(tokenizer, length, rng)
+    if task.startswith("niah"):
+        return _niah(b, task, rng.random() if depth is None else depth)
+    return _variable_tracking(b) if task == "variable_tracking" else _common_words(b)
+
+
 def build_samples(tokenizer, length: int, n: int, seed: int, tasks=TASKS) -> list[Sample]:
     """n samples per task at canvas length `length`; needle depths of the niah tasks spread evenly."""
     unknown = sorted(set(tasks) - set(TASKS))
@@ -150,14 +161,8 @@ def build_samples(tokenizer, length: int, n: int, seed: int, tasks=TASKS) -> lis
         raise ValueError(f"unknown tasks {unknown}; known: {list(TASKS)}")
     out = []
     for task in tasks:
-        b = _Builder(tokenizer, length, random.Random(f"{seed}-{task}-{length}"))
-        for i in range(n):
-            if task.startswith("niah"):
-                out.append(_niah(b, task, (i + 0.5) / n))
-            elif task == "variable_tracking":
-                out.append(_variable_tracking(b))
-            else:
-                out.append(_common_words(b))
+        rng = random.Random(f"{seed}-{task}-{length}")
+        out += [make_sample(tokenizer, task, length, rng, (i + 0.5) / n) for i in range(n)]
     return out
 
 
