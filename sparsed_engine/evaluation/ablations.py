@@ -73,10 +73,10 @@ BACKENDS = {cls.name: cls for cls in (SparseFromStep0Backend, SlidingWindowBacke
 
 def register() -> None:
     """Make both backends discoverable by name for this process (idempotent)."""
-    folder = Path(tempfile.gettempdir()) / "sparsed_fidelity_backends"
-    info = folder / "sparsed_fidelity_backends-1.0.dist-info"
+    folder = Path(tempfile.gettempdir()) / "sparsed_engine_evaluation_backends"
+    info = folder / "sparsed_engine_evaluation_backends-1.0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsed-fidelity-backends\nVersion: 1.0\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsed-engine-evaluation-backends\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[{GROUP}]\n" + "".join(
         f"{name} = {__name__}:{cls.__name__}\n" for name, cls in BACKENDS.items()))
     if str(folder) not in sys.path:
