@@ -19,7 +19,7 @@ would choose at each later step; the last step's value is the drift from the sel
 
 Budget: --prompts-per-task, --lengths, --only (label substrings; dense always runs),
 --max-minutes (stops between cells and still writes the partial table). Writes frontier.json,
-frontier.md and frontier.png under --out.
+frontier.md and (with matplotlib) frontier.png under --out.
 
     python -m benchmarks.frontier --model DIR --lengths 4096 8192 16384 --prompts-per-task 8 --max-minutes 9
 """
@@ -193,8 +193,11 @@ def write(run_out: dict, out: Path, title: str) -> str:
     md = table(run_out)
     (out / "frontier.json").write_text(json.dumps({"title": title, **run_out}, indent=1, default=str))
     (out / "frontier.md").write_text(f"### {title}\n\n{md}\n")
-    if run_out["results"]:
-        plot(run_out, out / "frontier.png", title)
+    try:
+        if run_out["results"]:
+            plot(run_out, out / "frontier.png", title)
+    except ImportError:
+        print("matplotlib is not installed: no frontier.png")
     return md
 
 
