@@ -5,8 +5,9 @@ paper's settings (skip 0.2, select 0.3, block 128); adaptive selection at mass 0
 select 0.1 / 0.2 / 0.5; block 32 / 64; skip 0 / 0.1 / 0.3; both selection scales; the two ablations
 (sparse from step 0, sliding window at SparseD's density). At each length (4k / 8k / 16k):
 
-  score     the suite's average (sparsed_engine/evaluation/ruler.py), and "within 1 pt": the
-            per-sample full-match outcomes against dense's on the same prompts (McNemar, stats.py)
+  score     the suite's average (sparsed_engine/evaluation/ruler.py) with a 95% interval over its
+            samples, and "within 1 pt": the per-sample full-match outcomes against dense's on the
+            same prompts (McNemar, stats.py)
   depth     needle accuracy by depth third (start / middle / end), niah_single + niah_multikey
   density   kept tiles / all tiles of the patterns selected on this length's NLL windows
   NLL       masked-token NLL at mask ratio 0.3 of a 64-step nested schedule (measures.py)
@@ -39,7 +40,7 @@ from sparsed_engine.evaluation.heldout import heldout_stream
 from sparsed_engine.evaluation.measures import (Setting, dense_trajectory, make_llm, masked_nll,
                                                 teacher_forced_agreement)
 from sparsed_engine.evaluation.ruler import DEPTHS, TASKS, build_samples, evaluate
-from sparsed_engine.evaluation.stats import mcnemar_p, within_points
+from sparsed_engine.evaluation.stats import mcnemar_p, mean_interval, within_points
 from sparsed_engine.llm import DEFAULT_MODEL
 
 NLL_RATIO, NLL_STEPS, AGREE_GEN = 0.3, 64, 32
@@ -109,6 +110,7 @@ def run(model: str, lengths: list[int], per_task: int, device: str, max_minutes:
             nll = masked_nll(llm, setting, docs[n], NLL_RATIO, seed + 3, NLL_STEPS, density)
             top1, kl = teacher_forced_agreement(llm, setting, trajectories[n])
             row[n] = {"score": suite["average"], "tasks": suite["tasks"], "depth": suite["depth"],
+                      "interval": mean_interval(suite["scores"]),
                       "full_match": [s == 1.0 for s in suite["scores"]], "nll": nll,
                       "density": density.get("density", 1.0), "agree_tf": top1, "kl_tf": kl}
             log(f"{setting.label} @ {n}: score {suite['average']:.3f} density {row[n]['density']:.3f} "
@@ -136,7 +138,7 @@ def table(run_out: dict) -> str:
     results = run_out["results"]
     dense = results.get("dense", {})
     lengths = sorted({n for r in results.values() for n in r})
-    head = ([f"score@{n} (within 1 pt, p)" for n in lengths] + [f"density@{n}" for n in lengths]
+    head = ([f"score@{n} [95% CI] (within 1 pt, p)" for n in lengths] + [f"density@{n}" for n in lengths]
             + [f"depth s/m/e @{lengths[-1]}"] + [f"NLL@{n}" for n in lengths] + [f"TF agree@{n} (KL)" for n in lengths])
     lines = ["| setting | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for label, r in results.items():
@@ -149,7 +151,8 @@ def table(run_out: dict) -> str:
             if n in dense and label != "dense":
                 a, b = dense[n]["full_match"], r[n]["full_match"]
                 verdict = f" ({within_points(a, b)}, {mcnemar_p(a, b):.2g})"
-            cells.append(f"{100 * r[n]['score']:.1f}{verdict}")
+            lo, hi = r[n]["interval"]
+            cells.append(f"{100 * r[n]['score']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]{verdict}")
         cells += [f"{r[n]['density']:.3f}" if n in r else "-" for n in lengths]
         last = r.get(lengths[-1])
         cells.append("/".join(f"{100 * last['depth'][d]:.0f}" if d in last["depth"] else "-" for d in DEPTHS)

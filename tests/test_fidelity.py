@@ -14,7 +14,7 @@ from sparsed_engine.evaluation.fidelity import ROUNDING_BASELINE, Scale, Setting
 from sparsed_engine.evaluation.heldout import heldout_stream
 from sparsed_engine.evaluation.measures import (dense_trajectory, free_running_agreement, make_llm, masked_nll,
                                                 nested_order, teacher_forced_agreement)
-from sparsed_engine.evaluation.stats import accuracy_cell, mcnemar_p, wilson, within_points
+from sparsed_engine.evaluation.stats import accuracy_cell, mcnemar_p, mean_interval, wilson, within_points
 from model_executor.model_loader import load_tokenizer
 
 TINY = Scale(passkey_lengths=(128,), passkey_samples=2, passkey_gen=8, nll_length=128, nll_docs=2,
@@ -32,6 +32,9 @@ def test_harness_runs_every_measure(tiny_llada_dir):
         assert set(r["nll"]) == {0.3, 0.6, 0.9}
         assert all(math.isfinite(v) and v > 0 for v in r["nll"].values())
         assert all(0 <= a <= 1 for a in list(r["passkey"].values()) + list(r["agree"].values()))
+        assert set(r["passkey_depth"][128]) == {"start", "end"}      # two prompts: depths 0.25, 0.75
+        assert 0 <= r["agree_tf"][128] <= 1 and r["kl_tf"][128] > -1e-6
+    assert results["dense"]["agree_tf"] == {128: 1.0}
     md = table(results)
     assert all(f"| {s.label} |" in md for s in TINY.settings) and "(+0.00%)" in md
 
@@ -143,3 +146,5 @@ def test_statistics():
     assert within_points(a[:20], [True] * 18 + [False] * 2) == "undecided"   # 10 points, 2 prompts
     with pytest.raises(ValueError, match="differ in length"):
         mcnemar_p(a, b[:5])
+    lo, hi = mean_interval([0.0, 1.0] * 50)
+    assert lo == pytest.approx(0.5 - 1.96 * (0.25 * 100 / 99) ** 0.5 / 10) and hi == pytest.approx(1 - lo)

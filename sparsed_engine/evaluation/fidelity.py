@@ -32,6 +32,7 @@ from sparsed_engine.evaluation.heldout import heldout_stream
 from sparsed_engine.evaluation.measures import (Setting, continuations, dense_trajectory, first_number_hits,
                                                 free_running_agreement, make_llm, masked_nll,
                                                 teacher_forced_agreement)
+from sparsed_engine.evaluation.ruler import DEPTHS, depth_bucket
 from sparsed_engine.evaluation.stats import accuracy_cell, mcnemar_p, within_points
 from sparsed_engine.evaluation.templates import PASSKEY_NEEDLE, PASSKEY_QUESTION, passkey
 
@@ -104,10 +105,21 @@ def windows(stream: list[int], length: int, n: int, seed: int) -> list[list[int]
     return [stream[s:s + length] for s in (rng.randrange(len(stream) - length) for _ in range(n))]
 
 
+def by_depth(hits: list[bool]) -> dict:
+    """Accuracy per needle-depth third; passkey_prompts puts prompt i at depth (i + 0.5) / n."""
+    out = {}
+    for third in DEPTHS:
+        mine = [h for i, h in enumerate(hits) if depth_bucket((i + 0.5) / len(hits)) == third]
+        if mine:
+            out[third] = sum(mine) / len(mine)
+    return out
+
+
 # ---------------------------------------------------------------- the run
 def run(model: str, scale: Scale, device: str, seed: int = 0, log=print) -> dict:
     """Every measure for every setting -> {label: {"passkey": {L: acc}, "passkey_hits": {L: [hit]},
-    "nll": {r: nll}, "agree_tf": {L: top-1 share}, "kl_tf": {L: nats}, "agree": {L: free-running share}}}."""
+    "passkey_depth": {L: {third: acc}}, "nll": {r: nll}, "agree_tf": {L: top-1 share}, "kl_tf": {L: nats},
+    "agree": {L: free-running share}}}."""
     ablations.register()
     max_len = max(scale.passkey_lengths + scale.agree_lengths + (scale.nll_length,))
     tokenizer = load_tokenizer(model)
@@ -127,6 +139,7 @@ def run(model: str, scale: Scale, device: str, seed: int = 0, log=print) -> dict
         eos = min(llm.llm_engine.eos_token_ids)
         hits = {n: first_number_hits(llm, p, scale.passkey_gen) for n, p in passkeys.items()}
         r = {"passkey": {n: sum(h) / len(h) for n, h in hits.items()}, "passkey_hits": hits,
+             "passkey_depth": {n: by_depth(h) for n, h in hits.items()},
              "nll": {ratio: masked_nll(llm, setting, docs, ratio, seed + 3, scale.nll_steps) for ratio in RATIOS},
              "agree_tf": {}, "kl_tf": {}, "agree": {}}
         for n, prompts in agree_prompts.items():
@@ -147,13 +160,14 @@ def table(results: dict) -> str:
     dense = results.get("dense", first)
     lengths = list(first["passkey"])
     head = ([f"passkey@{n} [95% CI]" for n in lengths] + [f"within 1 pt @{n} (McNemar p)" for n in lengths]
-            + [f"NLL r={r} (vs dense)" for r in first["nll"]]
+            + [f"depth s/m/e @{n}" for n in lengths] + [f"NLL r={r} (vs dense)" for r in first["nll"]]
             + [f"TF agree@{n} (KL)" for n in first["agree_tf"]] + [f"free agree@{n}" for n in first["agree"]])
     lines = ["| setting | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for label, r in results.items():
         cells = [accuracy_cell(h) for h in r["passkey_hits"].values()]
         cells += [f"{within_points(dense['passkey_hits'][n], h)} ({mcnemar_p(dense['passkey_hits'][n], h):.2g})"
                   for n, h in r["passkey_hits"].items()]
+        cells += ["/".join(f"{100 * d[t]:.0f}" if t in d else "-" for t in DEPTHS) for d in r["passkey_depth"].values()]
         cells += [f"{v:.4f} ({100 * (v / dense['nll'][k] - 1):+.2f}%)" for k, v in r["nll"].items()]
         cells += [f"{100 * a:.1f}% ({r['kl_tf'][n]:.3f})" for n, a in r["agree_tf"].items()]
         cells += [f"{100 * a:.1f}%" for a in r["agree"].values()]

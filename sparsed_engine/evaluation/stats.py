@@ -42,3 +42,13 @@ def accuracy_cell(hits: list[bool]) -> str:
     """'93.0% [89.1, 95.6]': the accuracy and its 95% interval."""
     lo, hi = wilson(sum(hits), len(hits))
     return f"{100 * sum(hits) / max(len(hits), 1):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
+    """Normal 95% interval of a mean of per-sample scores in [0, 1] (clipped to [0, 1])."""
+    n = len(values)
+    if n < 2:
+        return 0.0, 1.0
+    m = sum(values) / n
+    sd = (sum((v - m) ** 2 for v in values) / (n - 1)) ** 0.5
+    return max(0.0, m - z * sd / n ** 0.5), min(1.0, m + z * sd / n ** 0.5)
