@@ -20,6 +20,9 @@ class AttentionLayout:
     head_dim: int
     scale: float        # the model's own softmax scale, 1/sqrt(head_dim)
     total_heads: int = 0  # query heads of the whole model (selection_scale="num_heads" uses it)
+    # The softmax scale the family's sparse-attention reference selects with: "head_dim"
+    # (1/sqrt(head_dim)) or "num_heads" (1/sqrt(total_heads)); SparseD's default follows it.
+    selection_scale: str = "head_dim"
 
     def __post_init__(self):
         if self.total_heads == 0:

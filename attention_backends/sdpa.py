@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# On Hopper cuDNN attention measured fastest (DESIGN.md); SDPA falls back down this list when a
+# On Hopper cuDNN attention measured fastest (benchmarks/RESULTS.md); SDPA falls back down this list when a
 # backend rejects the inputs (head_dim, dtype, arch), so the choice is automatic and safe.
 _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

@@ -10,7 +10,8 @@ import torch
 
 from attention_backends.base import DENSE, SELECT, SPARSE, AttentionBackend, AttentionLayout, PoolSpec, RowSpec
 from attention_backends.sdpa import dense_attention, dense_attention_lse
-from attention_backends.sparsed_pattern import generation_block, pack_bits, select_tiles, unpack_bits
+from attention_backends.sparsed_pattern import (generation_block, pack_bits, select_tiles,
+                                             select_tiles_by_mass, unpack_bits)
 from attention_backends import sparse_ops
 
 KERNELS = ("auto", "triton", "flex", "torch")
@@ -21,8 +22,16 @@ class SparseDConfig:
     skip: float = 0.2              # fraction of steps that stay dense
     select: float = 0.3            # fraction of key blocks kept per query block and region
     block_size: int = 128          # tile edge (128 for long prompts, 32 for short ones)
-    selection_scale: str = "head_dim"  # "head_dim": 1/sqrt(head_dim); "num_heads": 1/sqrt(num_heads)
+    # "head_dim": 1/sqrt(head_dim); "num_heads": 1/sqrt(num_heads); None: the model family's
+    # reference (AttentionLayout.selection_scale: LLaDA num_heads, Dream head_dim)
+    selection_scale: str | None = None
     kernel: str = "auto"           # sparse-step kernel: auto (triton on CUDA, torch on CPU), triton, flex, torch
+    # Adaptive selection (replaces `select` when `mass` is set): per layer, head, query block and
+    # region, the fewest key blocks whose importance reaches `mass` of the row's total, kept
+    # between int(n * min_select) + 1 and int(n * max_select) + 1 of the region's n key blocks.
+    mass: float | None = None
+    min_select: float | None = None   # default 0: at least one key block
+    max_select: float | None = None   # default 1: up to every key block
 
     def __post_init__(self):
         def bad(name, why):
@@ -34,10 +43,35 @@ class SparseDConfig:
         if (not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size > 128
                 or self.block_size & (self.block_size - 1)):
             bad("block_size", "must be a power of two in [16, 128]")
-        if self.selection_scale not in ("head_dim", "num_heads"):
-            bad("selection_scale", "choose 'head_dim' or 'num_heads'")
+        if self.selection_scale not in (None, "head_dim", "num_heads"):
+            bad("selection_scale", "choose 'head_dim' or 'num_heads' (or leave unset: the family's reference)")
         if self.kernel not in KERNELS:
             bad("kernel", f"choose from {KERNELS}")
+        if self.mass is None:
+            for name in ("min_select", "max_select"):
+                if getattr(self, name) is not None:
+                    bad(name, "applies only to adaptive selection: set 'mass' too")
+            return
+        if isinstance(self.mass, bool) or not isinstance(self.mass, (int, float)) or not 0 < self.mass <= 1:
+            bad("mass", "must be a number in (0, 1]")
+        for name in ("min_select", "max_select"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+                bad(name, "must be a number in [0, 1]")
+        if self.select_bounds[0] > self.select_bounds[1]:
+            raise ValueError(f"attention_config['min_select']={self.min_select!r} exceeds "
+                             f"attention_config['max_select']={self.max_select!r}")
+
+    @property
+    def select_bounds(self) -> tuple[float, float]:
+        """(min_select, max_select) with their defaults filled in."""
+        return (0.0 if self.min_select is None else self.min_select,
+                1.0 if self.max_select is None else self.max_select)
+
+    @property
+    def keeps_all(self) -> bool:
+        """Every tile is kept whatever the importance: exactly dense, no pattern needed."""
+        return (self.select if self.mass is None else self.select_bounds[0]) >= 1
 
     def select_step(self, total_steps: int) -> int:
         """Steps before this one are dense; at it, still dense, the pattern is chosen."""
@@ -108,7 +142,7 @@ class SparseDBackend(AttentionBackend):
 
     @classmethod
     def pattern_blocks_needed(cls, layout, seq_len, config: SparseDConfig, block_bytes, total_steps) -> int:
-        if config.select >= 1 or config.select_step(total_steps) >= total_steps:
+        if config.keeps_all or config.select_step(total_steps) >= total_steps:
             return 0  # every tile kept, or no sparse step ever: plain dense, no pattern
         per_layer = -(-cls._layer_bytes(layout, seq_len, config.block_size) // block_bytes)
         return layout.num_layers * per_layer
@@ -178,7 +212,7 @@ class SparseDBackend(AttentionBackend):
                 continue
             # The selection step's dense pass also yields the row log-sum-exp that importance
             # needs, when it selects at the model's own scale.
-            reuse = row.config.selection_scale == "head_dim"
+            reuse = self.selection_scale(row.config) == "head_dim"
             if reuse:
                 out[s:e], lse = dense_attention_lse(q[s:e], k[s:e], v[s:e], self.layout.scale)
             else:
@@ -188,12 +222,17 @@ class SparseDBackend(AttentionBackend):
             self._sparse(q, k, v, group, layer, out)
         return out
 
+    def selection_scale(self, cfg: SparseDConfig) -> str:
+        return cfg.selection_scale or self.layout.selection_scale
+
     def _choose(self, q, k, row: _Row, lse: torch.Tensor | None = None) -> torch.Tensor:
         cfg = row.config
-        scale = (self.layout.scale if cfg.selection_scale == "head_dim"
+        scale = (self.layout.scale if self.selection_scale(cfg) == "head_dim"
                  else 1.0 / math.sqrt(self.layout.total_heads))
         imp_all, imp_gen = sparse_ops.importance(q, k, scale, cfg.block_size, row.gen_block, cfg.kernel, lse)
-        return select_tiles(imp_all, imp_gen, row.gen_block, cfg.select)
+        if cfg.mass is None:
+            return select_tiles(imp_all, imp_gen, row.gen_block, cfg.select)
+        return select_tiles_by_mass(imp_all, imp_gen, row.gen_block, cfg.mass, *cfg.select_bounds)
 
     def _sparse(self, q, k, v, g: _SparseGroup, layer: int, out: torch.Tensor) -> None:
         """One call over exactly the kept tiles of a group's rows."""

@@ -32,6 +32,29 @@ def select_tiles(imp_all: torch.Tensor, imp_gen: torch.Tensor, gen_block: int, s
     return keep
 
 
+def _top_by_mass(imp: torch.Tensor, mass: float, lo: float, hi: float) -> torch.Tensor:
+    """bool like imp [..., n]: per row the fewest highest-importance blocks whose importance sums
+    to at least `mass` of the row's total, their count clamped to [int(n*lo)+1, int(n*hi)+1] ∩ [1, n]."""
+    n = imp.shape[-1]
+    order = imp.sort(dim=-1, descending=True)
+    csum = order.values.double().cumsum(-1)
+    need = (csum < mass * csum[..., -1:]).sum(-1, keepdim=True) + 1    # fewest reaching the share
+    count = need.clamp(min(int(n * lo) + 1, n), min(int(n * hi) + 1, n))
+    ranked = torch.arange(n, device=imp.device) < count                # in importance order
+    return torch.zeros_like(ranked).scatter_(-1, order.indices, ranked)
+
+
+def select_tiles_by_mass(imp_all: torch.Tensor, imp_gen: torch.Tensor, gen_block: int, mass: float,
+                         min_select: float, max_select: float) -> torch.Tensor:
+    """Adaptive selection -> bool [H, nb, nb]: select_tiles with each (head, query block, region)
+    keeping the fewest key blocks that carry `mass` of its importance instead of a fixed top-k.
+    As in select_tiles, the prompt region keeps what survives (key block < g) of the choice made
+    over all key blocks, and the generation region chooses among its own blocks."""
+    keep = _top_by_mass(imp_all, mass, min_select, max_select)
+    keep[..., gen_block:] = _top_by_mass(imp_gen, mass, min_select, max_select)
+    return keep
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [..., n] -> uint8 [..., ceil(n / 8)]."""
     n = mask.shape[-1]

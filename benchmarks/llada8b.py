@@ -1,17 +1,13 @@
 """An LLaDA-8B-shaped model folder for benchmarks: the real config.json values and a BPE tokenizer
-trained on the long prompts in ../shared/data, with random weights (load_format="dummy")."""
+trained on generated text, with random weights (load_format="dummy"). With random weights the
+prompt's content does not change the work, so the prompts are generated here too."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-_ROOT = Path(__file__).resolve().parents[1]
-# ../shared/data beside the checkout; a copy in .data/ (git-ignored) where shared/ does not travel
-DATA = next((p for p in (_ROOT.parent / "shared" / "data" / "long_context_prompts.json",
-                         _ROOT / ".data" / "long_context_prompts.json") if p.is_file()),
-            _ROOT.parent / "shared" / "data" / "long_context_prompts.json")
 
 LLADA_8B_CONFIG = {
     "architectures": ["LLaDAModelLM"], "model_type": "llada", "block_type": "llama",
@@ -23,12 +19,22 @@ LLADA_8B_CONFIG = {
 }
 
 
-def long_text(data: Path = DATA) -> str:
-    questions = json.loads(data.read_text())["questions"]
-    return questions["64k"]
+def long_text(words: int = 60_000, seed: int = 0) -> str:
+    """Deterministic English-like prose: sentences of pseudo-words drawn from a fixed syllable set."""
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "min", "ter", "sa", "ven", "du", "ri", "bel", "on", "ast", "em", "ur", "pi", "gor"]
+    lexicon = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(3000)]
+    lexicon += ["the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "was", "on"] * 60
+    lines, sentence = [], []
+    for _ in range(words):
+        sentence.append(rng.choice(lexicon))
+        if len(sentence) > rng.randint(6, 24):
+            lines.append(" ".join(sentence).capitalize() + rng.choice([".", ".", ".", "?", ","]))
+            sentence = []
+    return "\n".join(" ".join(lines[i:i + 5]) for i in range(0, len(lines), 5))
 
 
-def write_model_dir(out: Path, data: Path = DATA) -> Path:
+def write_model_dir(out: Path) -> Path:
     """config.json + tokenizer files; the weights come from load_format="dummy"."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(LLADA_8B_CONFIG, indent=1))
@@ -38,7 +44,7 @@ def write_model_dir(out: Path, data: Path = DATA) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=4096, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>", "<|mdm_mask|>"])
-    tok.train_from_iterator(long_text(data).splitlines(), trainer)
+    tok.train_from_iterator(long_text().splitlines(), trainer)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
@@ -47,6 +53,6 @@ def write_model_dir(out: Path, data: Path = DATA) -> Path:
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
-    """The first n tokens of the 64k prompt (repeated if it is shorter)."""
+    """The first n tokens of the generated text (repeated if it is shorter)."""
     ids = tokenizer.encode(long_text(), add_special_tokens=False)
     return (ids * (n // len(ids) + 1))[:n]

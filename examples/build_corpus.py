@@ -3,7 +3,7 @@
 Sources (each a list of documents):
   * Python's standard library sources (code and docstrings) of the running interpreter;
     files for which `is_heldout` is true are kept out and serve as held-out text
-    (benchmarks/fidelity.py reads them with `heldout_documents`);
+    (sparsed_engine/evaluation/heldout.py holds the split; the fidelity benchmarks read them);
   * the Python documentation sources (Debian `python3.X-doc`: html/_sources/*.rst.txt);
   * the fortune cookie collection (Debian `fortunes`) and the Debian Reference (Debian
     `debian-reference-en`);
@@ -33,13 +33,13 @@ import random
 import re
 import subprocess
 import sys
-import sysconfig
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sparsed_engine.evaluation.heldout import stdlib_documents
 
 GENSIM = "gensim==4.4.0"
 VOCAB_SIZE = 4096
@@ -54,34 +54,6 @@ CHAT_TEMPLATE = (  # LLaDA-8B-Instruct's template
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-MAX_FILE_CHARS = 300_000  # a few generated tables in the stdlib are huge and carry no language
-
-
-def is_heldout(relpath: str) -> bool:
-    """About 1 in 16 stdlib files, by a hash of the path that every Python version agrees on."""
-    return zlib.crc32(relpath.encode()) % 16 == 0
-
-
-def _stdlib_files():
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "dist-packages/")) or "/test" in f"/{rel}" or "idlelib/" in rel:
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if 0 < len(text) <= MAX_FILE_CHARS:
-            yield rel, text
-
-
-def stdlib_documents() -> list[str]:
-    return [text for rel, text in _stdlib_files() if not is_heldout(rel)]
-
-
-def heldout_documents(min_chars: int = 0) -> list[str]:
-    """The held-out stdlib files of the running interpreter, at least `min_chars` long."""
-    return [text for rel, text in _stdlib_files() if is_heldout(rel) and len(text) >= min_chars]
-
-
 def python_doc_documents() -> list[str]:
     # several /usr/share/doc/python3* names link to one folder: read each real file once
     found = glob.glob("/usr/share/doc/python3*/html/_sources/**/*.txt", recursive=True)

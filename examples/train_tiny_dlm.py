@@ -50,20 +50,8 @@ from tokenizers import Tokenizer
 
 from attention_backends.base import AttentionBackend
 from model_executor.models.llada import LLaDAModelLM
-
-# The retrieval templates; benchmarks/fidelity.py builds its test prompts from the same strings.
-PASSKEY_NEEDLE = " The pass key is {key}. Remember it."
-PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
-KV_NEEDLE = " The secret number of {name} is {key}."
-KV_QUESTION = "\nWhat is the secret number of {name}? The secret number of {name} is"
-ANSWER = " {key}."
-KV_NAMES = ("apple", "river", "copper", "falcon", "violet", "harbor", "maple", "comet", "granite",
-            "lantern", "meadow", "orchid", "pepper", "saddle", "thunder", "walnut", "zephyr", "cobalt")
-
-
-def passkey(rng: random.Random) -> str:
-    return str(rng.randint(10000, 99999))
-
+from sparsed_engine.evaluation.templates import (ANSWER, KV_NAMES, KV_NEEDLE, KV_QUESTION, PASSKEY_NEEDLE,
+                                                 PASSKEY_QUESTION, passkey)
 
 class RowsSDPA(AttentionBackend):
     """Training only: the packed batch is `rows` equal-length rows; one bidirectional SDPA call."""
@@ -238,7 +226,7 @@ def attention_entropy(model: LLaDAModelLM, ids: torch.Tensor, mask_id: int) -> l
 
 
 def save_checkpoint(model, config: dict, tok: Tokenizer, corpus: Path, out: Path, shard_mb: float) -> None:
-    """bf16 safetensors shards of at most shard_mb (the device returns files of <= 16 MB each)."""
+    """bf16 safetensors shards of at most shard_mb each."""
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     shards, current, size = [], {}, 0

@@ -9,13 +9,14 @@ from attention_backends.sparsed import SparseDBackend, SparseDConfig
 from sparsed_engine import LLM, SamplingParams
 
 
-def naive_select(q, k, prompt_len, bs, select, scale):
-    """Straight from the definition: full softmax, tile means, per-region top-k, union."""
+def naive_importance(q, k, prompt_len, bs, scale):
+    """Per head and query block: (importance over all key blocks, importance over the generation
+    key blocks under their own softmax), as lists of floats, and g."""
     L, H, _ = q.shape
     kx = k.repeat_interleave(H // k.shape[1], dim=1)
     nb = math.ceil(L / bs)
     g = min(math.ceil(prompt_len / bs), nb - 1)
-    keep = torch.zeros(H, nb, nb, dtype=torch.bool)
+    out = {}
     for h in range(H):
         s = (q[:, h].double() @ kx[:, h].double().T) * scale
         p_all = torch.softmax(s, -1)
@@ -23,15 +24,42 @@ def naive_select(q, k, prompt_len, bs, select, scale):
         for i in range(nb):
             rows = slice(i * bs, (i + 1) * bs)
             imp = [float(p_all[rows, j * bs:(j + 1) * bs].sum()) / bs**2 for j in range(nb)]
-            ka = min(int(nb * select) + 1, nb)
-            for j in sorted(range(nb), key=lambda j: -imp[j])[:ka]:
-                if j < g:
-                    keep[h, i, j] = True
-            ng = nb - g
             impg = [float(p_gen[rows, (j - g) * bs:(j - g + 1) * bs].sum()) / bs**2 for j in range(g, nb)]
-            for jj in sorted(range(ng), key=lambda j: -impg[j])[:min(int(ng * select) + 1, ng)]:
-                keep[h, i, g + jj] = True
+            out[h, i] = (imp, impg)
+    return out, nb, g
+
+
+def naive_keep(q, k, prompt_len, bs, scale, count):
+    """The union of the two regions' choices; count(importances) says how many of a region's
+    blocks (in importance order) to keep."""
+    imps, nb, g = naive_importance(q, k, prompt_len, bs, scale)
+    keep = torch.zeros(q.shape[1], nb, nb, dtype=torch.bool)
+    for (h, i), (imp, impg) in imps.items():
+        for j in sorted(range(nb), key=lambda j: -imp[j])[:count(imp)]:
+            if j < g:
+                keep[h, i, j] = True
+        for jj in sorted(range(nb - g), key=lambda j: -impg[j])[:count(impg)]:
+            keep[h, i, g + jj] = True
     return keep
+
+
+def naive_select(q, k, prompt_len, bs, select, scale):
+    """Straight from the definition: full softmax, tile means, per-region top-k, union."""
+    return naive_keep(q, k, prompt_len, bs, scale, lambda imp: min(int(len(imp) * select) + 1, len(imp)))
+
+
+def naive_select_mass(q, k, prompt_len, bs, mass, lo, hi, scale):
+    """Adaptive selection from its definition: the fewest blocks (largest first) whose importance
+    reaches mass x the region row's total, at least int(n*lo)+1 and at most int(n*hi)+1 (<= n)."""
+    def count(imp):
+        n, acc, need = len(imp), 0.0, 0
+        for v in sorted(imp, reverse=True):
+            acc += v
+            need += 1
+            if acc >= mass * sum(imp):
+                break
+        return max(min(int(n * lo) + 1, n), min(need, int(n * hi) + 1, n))
+    return naive_keep(q, k, prompt_len, bs, scale, count)
 
 
 def _backend(heads=4, kv_heads=2, d=16, layers=1, pool_blocks=64):
@@ -55,6 +83,58 @@ def test_selection_matches_definition(L, P, bs, scale_kind):
     b.forward(q, k, v, meta, 0)
     scale = 16 ** -0.5 if scale_kind == "head_dim" else 4 ** -0.5
     assert torch.equal(b.load_tiles(meta.rows[0], 0), naive_select(q, k, P, bs, 0.3, scale))
+
+
+def _select_pattern(cfg, L, P, seed):
+    torch.manual_seed(seed)
+    b = _backend()
+    q, k, v = torch.randn(L, 4, 16) * 2, torch.randn(L, 2, 16) * 2, torch.randn(L, 2, 16)
+    nb = math.ceil(L / cfg.block_size)
+    meta = b.build_metadata([RowSpec(L, P, SELECT, tuple(range(4 * nb * nb // 256 + 1)), cfg)])
+    b.forward(q, k, v, meta, 0)
+    return q, k, b.load_tiles(meta.rows[0], 0)
+
+
+@pytest.mark.parametrize("L,P,bs", [(70, 40, 16), (100, 90, 16), (160, 60, 16), (64, 16, 32)])
+@pytest.mark.parametrize("mass", [0.5, 0.9, 0.98, 1.0])
+@pytest.mark.parametrize("bounds", [(None, None), (0.2, 0.6), (0.0, 0.1)])
+def test_adaptive_selection_matches_definition(L, P, bs, mass, bounds):
+    cfg = SparseDConfig(block_size=bs, mass=mass, min_select=bounds[0], max_select=bounds[1],
+                        selection_scale="head_dim")
+    q, k, tiles = _select_pattern(cfg, L, P, seed=L + int(mass * 100))
+    lo, hi = cfg.select_bounds
+    assert torch.equal(tiles, naive_select_mass(q, k, P, bs, mass, lo, hi, 16 ** -0.5))
+
+
+def test_adaptive_keeps_fewer_tiles_at_lower_mass_and_equals_select_at_fixed_bounds():
+    kept = [int(_select_pattern(SparseDConfig(block_size=16, mass=m), 160, 60, seed=1)[2].sum())
+            for m in (0.5, 0.9, 0.99)]
+    assert kept[0] < kept[1] < kept[2]
+    # min_select = max_select = s pins every count to select=s's top-k
+    fixed = _select_pattern(SparseDConfig(block_size=16, mass=0.5, min_select=0.3, max_select=0.3), 160, 60, 2)[2]
+    assert torch.equal(fixed, _select_pattern(SparseDConfig(block_size=16, select=0.3), 160, 60, 2)[2])
+
+
+@pytest.mark.parametrize("cfg,needle", [({"mass": 0}, "'mass'\\]=0"), ({"mass": 1.5}, "mass"),
+                                        ({"mass": "0.9"}, "mass"), ({"min_select": 0.1}, "min_select.*set 'mass'"),
+                                        ({"max_select": 0.5}, "max_select"),
+                                        ({"mass": 0.9, "max_select": 2}, "max_select"),
+                                        ({"mass": 0.9, "min_select": 0.5, "max_select": 0.2},
+                                         "min_select'\\]=0.5 exceeds .*max_select'\\]=0.2")])
+def test_adaptive_config_errors(cfg, needle):
+    with pytest.raises(ValueError, match=needle):
+        SparseDBackend.resolve_config(cfg)
+
+
+def test_default_selection_scale_follows_the_family(tiny_llada_dir, tiny_dream_dir):
+    from model_executor.model_loader import read_model_info
+    assert read_model_info(tiny_llada_dir).attention_layout.selection_scale == "num_heads"
+    assert read_model_info(tiny_dream_dir).attention_layout.selection_scale == "head_dim"
+    lay = AttentionLayout(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, scale=0.25,
+                          total_heads=4, selection_scale="num_heads")
+    b = SparseDBackend(lay, torch.device("cpu"), torch.float32)
+    assert b.selection_scale(SparseDConfig()) == "num_heads"
+    assert b.selection_scale(SparseDConfig(selection_scale="head_dim")) == "head_dim"
 
 
 def test_sparse_forward_is_dense_attention_on_kept_tiles():
@@ -136,6 +216,20 @@ def test_pattern_selected_once_and_read_every_later_step(engines, monkeypatch):
     assert calls["choose"] == layers
     assert calls["load"] == layers * (20 - select_at - 1)
     assert out[0].metrics.steps == 20
+
+
+def test_adaptive_generation_runs(engines):
+    dense, _ = engines
+    p = SamplingParams(max_tokens=32, steps=16, block_length=16)
+    llm = LLM(model=str(dense.llm_engine.config.model), attention_backend="sparsed",
+              attention_config={**SPARSE_CFG, "mass": 0.9, "max_select": 0.6}, mask_pool_bytes=1 << 20)
+    out = llm.generate([PROMPT, "Hello"], p, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) > 0 for o in out)
+    # min_select 1 keeps every tile whatever the mass: exactly dense, no pattern
+    full = LLM(model=str(dense.llm_engine.config.model), attention_backend="sparsed",
+               attention_config={**SPARSE_CFG, "mass": 1.0, "min_select": 1.0}, mask_pool_bytes=1 << 20)
+    expect = dense.generate(PROMPT, p, use_tqdm=False)[0].outputs[0].token_ids
+    assert full.generate(PROMPT, p, use_tqdm=False)[0].outputs[0].token_ids == expect
 
 
 def test_pool_empties_after_finish_and_abort(engines):

@@ -57,10 +57,20 @@ def row_block_mask(kv_num: torch.Tensor, kv_idx: torch.Tensor, length: int,
         **_FORWARD_ONLY)
 
 
+def kernel_options(block_size: int, device: torch.device) -> dict | None:
+    """Inductor's GPU kernel tiles must divide the mask's blocks; its default config on Hopper
+    (BLOCK_M 128) does not divide a 64 or 32 block and fails to compile ("Q and KV block size must
+    be divisible by BLOCK_M and BLOCK_N"). Below 128 the tiles are the block itself."""
+    if device.type != "cuda" or block_size >= 128:
+        return None
+    return {"BLOCK_M": block_size, "BLOCK_N": block_size}
+
+
 def flex_block_sparse_attention(q, k, v, cu_seqlens, q_block_offsets, kv_num, kv_idx,
                                 block_size: int, scale: float) -> torch.Tensor:
     """Same contract as block_sparse_attention (block_sparse_attn.py), through FlexAttention."""
     out = torch.empty_like(q)
+    options = kernel_options(block_size, q.device)
     cu = cu_seqlens.tolist()
     qbo = q_block_offsets.tolist()
     flex = compiled_flex_attention()
@@ -71,6 +81,7 @@ def flex_block_sparse_attention(q, k, v, cu_seqlens, q_block_offsets, kv_num, kv
         mask = row_block_mask(kv_num[:, b0:b1], kv_idx[:, b0:b1], e - s, block_size)
         pad = (0, 0, 0, 0, 0, (b1 - b0) * block_size - (e - s))
         qh, kh, vh = (F.pad(x[s:e], pad).transpose(0, 1)[None] for x in (q, k, v))
-        o = flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=kh.shape[1] != qh.shape[1])
+        o = flex(qh, kh, vh, block_mask=mask, scale=scale, enable_gqa=kh.shape[1] != qh.shape[1],
+                 kernel_options=options)
         out[s:e] = o[0].transpose(0, 1)[: e - s]
     return out

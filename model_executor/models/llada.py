@@ -148,7 +148,8 @@ class LLaDAModelLM(DiffusionLM):
     def attention_layout(config: dict) -> AttentionLayout:
         a = LLaDAArgs.from_config(config)
         return AttentionLayout(num_layers=a.n_layers, num_heads=a.n_heads, num_kv_heads=a.n_kv_heads,
-                               head_dim=a.head_dim, scale=1.0 / math.sqrt(a.head_dim), total_heads=a.n_heads)
+                               head_dim=a.head_dim, scale=1.0 / math.sqrt(a.head_dim), total_heads=a.n_heads,
+                               selection_scale="num_heads")  # as the LLaDA SparseD reference
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
         a, t = self.args, self.model.transformer
