@@ -16,6 +16,7 @@ from attention_backends.sdpa import SDPA_BACKENDS, SDPA_ENV
 from sparsed_engine.executor.base import WORKER_TIMEOUT_ENV
 
 FUSED_ELEMENTWISE_ENV = "SPARSED_FUSED_ELEMENTWISE"
+API_KEY_ENV = "SPARSED_API_KEY"
 
 
 def _backend(raw: str) -> str | None:
@@ -64,6 +65,8 @@ ENV_VARS = {v.name: v for v in (
     EnvVar(SDPA_ENV, "", _sdpa, "pin one torch SDPA kernel for dense attention on CUDA"),
     EnvVar(FUSED_ELEMENTWISE_ENV, "1", _flag, "0: run the elementwise layers' torch references on CUDA"),
     EnvVar(WORKER_TIMEOUT_ENV, "600", _seconds, "seconds a call on the worker ranks may take before they count as hung"),
+    EnvVar(API_KEY_ENV, "", lambda raw: raw or None,
+           "`sparsed-engine serve`: the key every /v1 request must bear when --api-key is not given"),
 )}
 
 
@@ -73,6 +76,7 @@ class Envs:
     sdpa_backend: str | None
     fused_elementwise: bool
     worker_timeout_s: float
+    api_key: str | None
 
 
 def read(environ: Mapping[str, str] | None = None) -> Envs:
@@ -86,4 +90,4 @@ def read(environ: Mapping[str, str] | None = None) -> Envs:
         except ValueError as e:
             raise ValueError(f"environment variable {var.name}={raw!r}: {e}") from None
     return Envs(values[ATTENTION_BACKEND_ENV], values[SDPA_ENV], values[FUSED_ELEMENTWISE_ENV],
-                values[WORKER_TIMEOUT_ENV])
+                values[WORKER_TIMEOUT_ENV], values[API_KEY_ENV])

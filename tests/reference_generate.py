@@ -11,9 +11,10 @@ from attention_backends.base import RowSpec
 def raw_logits(model, backend, canvas: torch.Tensor) -> torch.Tensor:
     """Unshifted logits at every position: lm_head(hidden[i]) for all i."""
     n = canvas.numel()
+    device = next(model.parameters()).device
     meta = backend.build_metadata([RowSpec(n, 0)])
-    hidden = model(canvas, torch.arange(n), meta)
-    return model.compute_logits(hidden, torch.arange(n) + model.logits_shift)
+    hidden = model(canvas.to(device), torch.arange(n, device=device), meta)
+    return model.compute_logits(hidden, torch.arange(n, device=device) + model.logits_shift).float().cpu()
 
 
 def llada_generate(model, backend, prompt, steps, gen_length, block_length, mask_id, cfg_scale=0.0):

@@ -55,11 +55,11 @@ def test_token_shards_cover_the_batch_once():
 
 def test_bad_parallel_settings_fail_before_work(tiny_llada_dir):
     with pytest.raises(ValueError, match="sequence_parallel_size=3 must divide the model's 4 attention heads"):
-        LLM(model=str(tiny_llada_dir), sequence_parallel_size=3)
+        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=3)
     with pytest.raises(ValueError, match="distributed_executor_backend='uni'.*needs 'ray'"):
-        LLM(model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="uni")
+        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="uni")
     with pytest.raises(ValueError, match="sequence_parallel_size=0"):
-        LLM(model=str(tiny_llada_dir), sequence_parallel_size=0)
+        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=0)
 
 
 # ---------------------------------------------------------------- sharded workers, no Ray
@@ -165,7 +165,7 @@ _PROMPT_IDS = [list(range(5, 42)), list(range(50, 63))]  # canvases of 101 and 4
 def test_llm_starts_and_releases_its_own_ray(tiny_llada_dir):
     """Runs first, with no Ray in the process: the executor starts one and shutdown stops it."""
     assert not ray.is_initialized()
-    with LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="ray") as llm:
+    with LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="ray") as llm:
         assert ray.is_initialized()
         assert llm.generate(_PROMPT_IDS[:1], _params()[0], use_tqdm=False)[0].finished
     assert not ray.is_initialized()
@@ -191,8 +191,8 @@ def ray_session():
 def test_ray_outputs_equal_single_process(ray_session, request, family, backend):
     model = str(request.getfixturevalue(f"tiny_{family}_dir"))
     kw = SPARSE_KW if backend == "sparsed" else {"attention_backend": "dense"}
-    want = LLM(model=model, **kw).generate(_PROMPT_IDS, _params(), use_tqdm=False)
-    llm = LLM(model=model, sequence_parallel_size=SP, **kw)
+    want = LLM(device="cpu", model=model, **kw).generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    llm = LLM(device="cpu", model=model, sequence_parallel_size=SP, **kw)
     got = llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     if backend == "sparsed":
@@ -206,15 +206,15 @@ def test_ray_outputs_equal_single_process(ray_session, request, family, backend)
 def test_four_workers_equal_single_process(ray_session, request, family):
     """Four ranks: one query head each; Dream's two KV heads are replicated across them."""
     model = str(request.getfixturevalue(f"tiny_{family}_dir"))
-    want = LLM(model=model, **SPARSE_KW).generate(_PROMPT_IDS, _params(), use_tqdm=False)
-    with LLM(model=model, sequence_parallel_size=4, **SPARSE_KW) as llm:
+    want = LLM(device="cpu", model=model, **SPARSE_KW).generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    with LLM(device="cpu", model=model, sequence_parallel_size=4, **SPARSE_KW) as llm:
         got = llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
 @needs_ray
 def test_killed_worker_fails_requests_fast(ray_session, tiny_llada_dir):
-    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP)
+    llm = LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=SP)
     ray.kill(llm.llm_engine.executor.workers[1])
     t0 = time.time()
     with pytest.raises(ExecutorDeadError, match="worker rank 1 failed while running a step: its process died"):
@@ -231,8 +231,8 @@ def test_killed_worker_fails_requests_fast(ray_session, tiny_llada_dir):
 def test_mp_outputs_equal_single_process(request, family, backend):
     model = str(request.getfixturevalue(f"tiny_{family}_dir"))
     kw = SPARSE_KW if backend == "sparsed" else {"attention_backend": "dense"}
-    want = LLM(model=model, **kw).generate(_PROMPT_IDS, _params(), use_tqdm=False)
-    with LLM(model=model, sequence_parallel_size=SP, distributed_executor_backend="mp", **kw) as llm:
+    want = LLM(device="cpu", model=model, **kw).generate(_PROMPT_IDS, _params(), use_tqdm=False)
+    with LLM(device="cpu", model=model, sequence_parallel_size=SP, distributed_executor_backend="mp", **kw) as llm:
         got = llm.generate(_PROMPT_IDS, _params(), use_tqdm=False)
         if backend == "sparsed":
             assert llm.get_stats()["mask_pool"]["allocated_bytes"] == SP * (1 << 20)
@@ -242,7 +242,7 @@ def test_mp_outputs_equal_single_process(request, family, backend):
 
 
 def test_mp_killed_worker_fails_requests_fast(tiny_llada_dir):
-    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
+    llm = LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
     procs = list(llm.llm_engine.executor.procs)
     os.kill(procs[1].pid, 9)
     t0 = time.time()
@@ -263,7 +263,7 @@ def _raise_on_rank_1(worker):
 
 
 def test_mp_worker_exception_is_reported(tiny_llada_dir):
-    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
+    llm = LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
     with pytest.raises(ExecutorDeadError, match="worker rank 1 failed while running _raise_on_rank_1: "
                                                 "MemoryError: simulated out of memory"):
         llm.llm_engine.executor.collective_rpc(_raise_on_rank_1)
@@ -283,7 +283,7 @@ def test_hung_worker_times_out(request, tiny_llada_dir, executor):
         # the actors cannot import this test module: send the function itself
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         request.addfinalizer(lambda: ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__]))
-    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend=executor)
+    llm = LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend=executor)
     llm.llm_engine.executor.timeout_s = 2.0
     t0 = time.time()
     with pytest.raises(ExecutorDeadError, match=f"the {executor.capitalize() if executor == 'ray' else executor} "
@@ -298,12 +298,12 @@ def test_hung_worker_times_out(request, tiny_llada_dir, executor):
 def test_bad_worker_timeout_fails_before_work(tiny_llada_dir, monkeypatch):
     monkeypatch.setenv("SPARSED_WORKER_TIMEOUT_S", "soon")
     with pytest.raises(ValueError, match="SPARSED_WORKER_TIMEOUT_S='soon': must be a number of seconds > 0"):
-        LLM(model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
+        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=SP, distributed_executor_backend="mp")
 
 
 def test_skip_tokenizer_init_takes_token_ids(tiny_llada_dir):
     """What benchmarks/distributed.py relies on: a model folder with no tokenizer use."""
-    llm = LLM(model=str(tiny_llada_dir), skip_tokenizer_init=True)
+    llm = LLM(device="cpu", model=str(tiny_llada_dir), skip_tokenizer_init=True)
     assert llm.get_tokenizer() is None
     out = llm.generate([_PROMPT_IDS[1]], _params()[0], use_tqdm=False)[0].outputs[0]
     assert out.text == "" and out.finish_reason in ("stop", "length")

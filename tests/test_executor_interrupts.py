@@ -67,7 +67,7 @@ def _timed_check(llm, reference, when: str = "") -> float:
 
 @pytest.fixture(scope="module")
 def reference(tiny_llada_dir):
-    with LLM(model=str(tiny_llada_dir), **KW) as llm:
+    with LLM(device="cpu", model=str(tiny_llada_dir), **KW) as llm:
         return _token_ids(llm)
 
 
@@ -77,7 +77,7 @@ def test_random_interrupts_leave_the_llm_correct(tiny_llada_dir, reference, exec
     sp = 1 if executor == "uni" else 2
     rng = random.Random(executor)
     interrupter = _Interrupter()
-    with LLM(model=str(tiny_llada_dir), sequence_parallel_size=sp, distributed_executor_backend=executor,
+    with LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=sp, distributed_executor_backend=executor,
              **KW) as llm:
         assert _token_ids(llm) == reference   # the first calls are slow (warm-up): not timed
         call_s = _timed_check(llm, reference)

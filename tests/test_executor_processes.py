@@ -49,7 +49,7 @@ def test_answers_are_moved_to_the_cpu_whatever_their_shape():
 
 
 def test_uni_executor_runs_the_same_calls(tiny_llada_dir):
-    llm = LLM(model=str(tiny_llada_dir))
+    llm = LLM(device="cpu", model=str(tiny_llada_dir))
     executor = llm.llm_engine.executor
     assert executor.collective_rpc(_rank) == [0]
     assert executor.pool_usage() == llm.llm_engine.executor.worker.pool_usage()
@@ -86,7 +86,7 @@ def _unreadable(worker):
 def test_mp_answers_of_a_call_cut_short_are_not_taken_for_the_next(tiny_llada_dir):
     """The driver fails reading rank 0's (or 1's) answer; the other answer, left in its pipe, carries
     the old call id and is dropped, so the next call gets its own answers."""
-    with LLM(model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="mp") as llm:
+    with LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="mp") as llm:
         with pytest.raises(RuntimeError, match="this answer cannot be read here"):
             llm.llm_engine.executor.collective_rpc(_unreadable)
         assert llm.llm_engine.executor.collective_rpc(_rank) == [0, 1]
@@ -105,7 +105,7 @@ def ray_session():
 @needs_ray
 def test_a_raising_ray_rank_is_named_as_mp_names_it(ray_session, tiny_llada_dir):
     """The text the mp executor gives for it (test_distributed.py), from the Ray executor."""
-    llm = LLM(model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="ray")
+    llm = LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="ray")
     assert llm.llm_engine.executor.collective_rpc(_rank) == [0, 1]
     with pytest.raises(ExecutorDeadError, match=r"^the Ray executor is dead: worker rank 1 failed while running "
                        r"_raise_on_rank_1: MemoryError: simulated out of memory \(at .*test_executor_processes.py:\d+\)$"):
@@ -119,7 +119,7 @@ def test_ranks_the_cluster_cannot_hold_fail_in_seconds(ray_session, tmp_path):
     eight_heads = write_tiny_llada(tmp_path / "llada8", n_heads=8, n_kv_heads=8)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match=r"sequence_parallel_size=8 asks Ray for 8 CPUs \(the cluster has 4, \d+ free\)"):
-        LLM(model=str(eight_heads), sequence_parallel_size=8, distributed_executor_backend="ray")
+        LLM(device="cpu", model=str(eight_heads), sequence_parallel_size=8, distributed_executor_backend="ray")
     assert time.monotonic() - t0 < 10
 
 
@@ -132,7 +132,7 @@ def test_ranks_another_job_holds_fail_in_seconds(ray_session, tiny_llada_dir):
     try:
         t0 = time.monotonic()
         with pytest.raises(RuntimeError, match=r"asks Ray for 2 CPUs \(the cluster has 4, 1 free\)"):
-            LLM(model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="ray")
+            LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="ray")
         assert time.monotonic() - t0 < 15
     finally:
         remove_placement_group(held)
@@ -178,7 +178,7 @@ def test_a_killed_driver_leaves_no_ray_process(tiny_llada_dir):
     driver = textwrap.dedent(f"""
         from sparsed_engine import LLM
         if __name__ == "__main__":
-            llm = LLM(model={str(tiny_llada_dir)!r}, sequence_parallel_size=2, distributed_executor_backend="ray")
+            llm = LLM(device="cpu", model={str(tiny_llada_dir)!r}, sequence_parallel_size=2, distributed_executor_backend="ray")
             print("READY", flush=True)
             import time; time.sleep(300)
     """)
@@ -209,7 +209,7 @@ def test_mp_script_without_main_guard_is_told_what_to_do(tmp_path, tiny_llada_di
     script = tmp_path / "no_guard.py"
     script.write_text(textwrap.dedent(f"""
         from sparsed_engine import LLM
-        llm = LLM(model={str(tiny_llada_dir)!r}, sequence_parallel_size=2, distributed_executor_backend="mp")
+        llm = LLM(device="cpu", model={str(tiny_llada_dir)!r}, sequence_parallel_size=2, distributed_executor_backend="mp")
         print("GENERATED", llm.generate([[5, 6, 7]], use_tqdm=False)[0].finished)
     """))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -226,5 +226,5 @@ def test_worker_timeout_must_be_finite_and_positive(tiny_llada_dir, monkeypatch,
 
     monkeypatch.setenv("SPARSED_WORKER_TIMEOUT_S", value)
     with pytest.raises(ValueError, match=f"SPARSED_WORKER_TIMEOUT_S='{value}': must be a number of seconds > 0"):
-        LLM(model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="mp")
+        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="mp")
     assert multiprocessing.active_children() == []   # refused before any rank started

@@ -207,7 +207,7 @@ def test_good_env_vars(tiny_llada_dir, monkeypatch):
     monkeypatch.setenv("SPARSED_WORKER_TIMEOUT_S", "2.5")
     monkeypatch.setenv("SPARSED_ATTENTION_BACKEND", "sparsed")
     llm = LLM(model=str(tiny_llada_dir))
-    assert llm.llm_engine.envs == envs.Envs("sparsed", "math", True, 2.5)
+    assert llm.llm_engine.envs == envs.Envs("sparsed", "math", True, 2.5, None)
     assert llm.get_stats()["backend"] == "sparsed"
 
 

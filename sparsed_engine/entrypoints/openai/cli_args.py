@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import socket
 import sys
 
-API_KEY_ENV = "SPARSED_API_KEY"
+from sparsed_engine import envs
+from sparsed_engine.envs import API_KEY_ENV
+
 DEFAULT_MODEL_NAME = "sparsed-engine/default_model"
 logger = logging.getLogger("sparsed_engine.serve")
 
@@ -51,7 +52,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict) -> None:
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"--max-waiting={args.max_waiting}: must be >= 0")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key or envs.read().api_key
     names = args.served_model_name or [engine_kwargs.get("model") or DEFAULT_MODEL_NAME]
     sock = _bind(args.host, args.port)
     # uvicorn re-raises the signal that stopped it once it has drained; a default SIGTERM would then
