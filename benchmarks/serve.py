@@ -115,9 +115,12 @@ async def run_client(url: str, prompts: list[list[int]], args) -> tuple[list[dic
             t += rng.expovariate(args.request_rate)
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(args.request_timeout), limits=limits) as http:
-        warm = await one_request(http, {**request_body(prompts[0], 0, args), "steps": warmup_steps(args)}, 0.0)
-        if not warm["ok"]:
-            raise RuntimeError(f"the warm-up request failed: {warm['error']}")
+        # every prompt at once: the kernels are compiled for the measured batch's shapes, not one row's
+        warm = await asyncio.gather(*(one_request(http, {**request_body(p, i, args), "steps": warmup_steps(args)}, 0.0)
+                                      for i, p in enumerate(prompts)))
+        failed = [w["error"] for w in warm if not w["ok"]]
+        if failed:
+            raise RuntimeError(f"a warm-up request failed: {failed[0]}")
         t0 = time.perf_counter()
         records = await asyncio.gather(*(one_request(http, request_body(p, i, args), d)
                                          for i, (p, d) in enumerate(zip(prompts, delays))))
@@ -126,7 +129,7 @@ async def run_client(url: str, prompts: list[list[int]], args) -> tuple[list[dic
 
 def warmup_steps(args) -> int:
     """The fewest steps the schedule allows (one a block): compiles and tunes every kernel of the
-    measured requests' shapes (SparseD selects at step 1 then) without costing a whole request."""
+    measured batch's shapes (SparseD selects at step 1 then) without costing a whole run."""
     return args.max_tokens // args.block_length
 
 
@@ -148,8 +151,8 @@ def run_offline(model: str, backend: str, prompts: list[list[int]], args) -> dic
     params = [SamplingParams(max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length, seed=i)
               for i in range(len(prompts))]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=args.max_tokens, steps=warmup_steps(args),
-                                             block_length=args.block_length), use_tqdm=False)
+    llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, steps=warmup_steps(args),
+                                         block_length=args.block_length), use_tqdm=False)
     sync()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
