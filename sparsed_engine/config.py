@@ -11,7 +11,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from model_executor.model_loader import LOAD_FORMATS
-from sparsed_engine.validation import StrictModel, type_error
+from sparsed_engine.validation import OptionalDict, StrictModel, type_error
 
 # A small LLaDA-architecture DLM trained for this project (examples/train_tiny_dlm.py), shipped so
 # that the engine runs out of the box and SparseD's fidelity can be measured on real attention.
@@ -46,7 +46,7 @@ class EngineConfig(StrictModel):
     attention_backend: NonEmptyStr | None = None
     """Attention backend by name (dense, sparsed, or one a package installs; None:
     $SPARSED_ATTENTION_BACKEND, else dense)."""
-    attention_config: dict[str, Any] | None = None
+    attention_config: OptionalDict = None
     """Engine-wide settings of the attention backend, e.g. SparseD's {"skip": 0.2, "select": 0.3}."""
     mask_pool_bytes: Annotated[int, Field(ge=0)] | None = None
     """Bytes of the sparse-pattern pool per worker (None: mask_pool_fraction of free memory)."""
@@ -102,13 +102,6 @@ class EngineConfig(StrictModel):
             raise ValueError("choose auto, cpu or cuda[:N]")
         if v.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine")
-        return v
-
-    @field_validator("attention_config", mode="before")
-    @classmethod
-    def _dict_or_none(cls, v):
-        if v is not None and not isinstance(v, dict):
-            raise type_error("must be a dict or None")
         return v
 
     def check(self) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from sparsed_engine.validation import InvalidTypeError, StrictModel, type_error
+from sparsed_engine.validation import InvalidTypeError, OptionalDict, StrictModel
 
 SEED_MAX = 2**63 - 1  # a torch.Generator seed, with room for per-row offsets
 # Logits are divided by a temperature: below this a float32 division overflows to inf (NaN
@@ -48,7 +48,7 @@ class SamplingParams(StrictModel):
     """Strings that end the output (not included); a single string or a list."""
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     """Token ids that end the output (besides the model's EOS)."""
-    attention_config: dict[str, Any] | None = None
+    attention_config: OptionalDict = None
     """Per-request overrides of the engine's attention settings (e.g. SparseD's skip, select)."""
 
     @model_validator(mode="before")
@@ -70,13 +70,6 @@ class SamplingParams(StrictModel):
     @classmethod
     def _stop_list(cls, v):
         return [] if v is None else v
-
-    @field_validator("attention_config", mode="before")
-    @classmethod
-    def _dict_or_none(cls, v):
-        if v is not None and not isinstance(v, dict):
-            raise type_error("must be a dict or None")
-        return v
 
     def check(self) -> None:
         for name in ("temperature", "alg_temp"):

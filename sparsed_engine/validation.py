@@ -2,9 +2,9 @@
 errors become one ValueError/TypeError whose message names the field and the value given."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
 
@@ -20,6 +20,16 @@ class InvalidTypeError(TypeError, ValueError):
 def type_error(message: str) -> PydanticCustomError:
     """Raise this from a validator for a wrong type (pydantic lets only ValueError through)."""
     return PydanticCustomError("custom_type", message)
+
+
+def _dict_or_none(v):
+    if v is not None and not isinstance(v, dict):
+        raise type_error("must be a dict or None")
+    return v
+
+
+# A settings dict (attention_config): a real dict or None, never a string or list coerced into one.
+OptionalDict = Annotated[dict[str, Any] | None, BeforeValidator(_dict_or_none)]
 
 
 def _is_type_error(kind: str) -> bool:
