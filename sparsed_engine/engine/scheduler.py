@@ -28,7 +28,9 @@ class Scheduler:
         self.waiting.append(seq)
 
     def request_ids(self) -> set[str]:
-        return {s.request_id for s in self.waiting} | {s.request_id for s in self.running}
+        # one C-level copy first: AsyncLLM validates requests in another thread while the engine
+        # loop moves sequences between these queues, and iterating a deque that changes raises
+        return {s.request_id for s in (*self.waiting, *self.running)}
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
