@@ -175,11 +175,11 @@ class AsyncLLM:
                 if not all([self._handle(c) for c in commands]):   # every one handled, then stop
                     raise EngineDeadError("the engine was shut down")
                 if not engine.has_unfinished_requests():
-                    self.stats = engine.get_stats()   # an abort may have emptied the engine
+                    self.stats = engine.get_stats(workers=False)   # an abort may have emptied the engine
                     continue
                 finished = engine.step()
                 self.num_steps += 1
-                self.stats = engine.get_stats()
+                self.stats = engine.get_stats(workers=False)   # no call to the ranks on every step
                 self._publish(finished)
         except BaseException as e:  # noqa: BLE001 - a failed step ends every request, not the process
             self.dead = e

@@ -214,11 +214,16 @@ class LLMEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def get_stats(self) -> dict:
+    def get_stats(self, workers: bool = True) -> dict:
+        """Scheduler-side counts and pool blocks; with `workers`, also what the workers allocated
+        (a call to every rank: not for every step)."""
+        pool = self.scheduler.block_manager.stats()
+        if workers:
+            pool.update(self.executor.pool_usage())
         return {"backend": self.backend_name,
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting),
-                "mask_pool": {**self.scheduler.block_manager.stats(), **self.executor.pool_usage()}}
+                "mask_pool": pool}
 
     def shutdown(self) -> None:
         self.executor.shutdown()
