@@ -29,7 +29,7 @@ import torch
 from tokenizers import Tokenizer
 
 from examples.train_tiny_dlm import (RowsSDPA, TrainingData, attention_entropy, init_weights, llada_config,
-                                     llada_loss, retrieval_probe, save_checkpoint)
+                                     llada_loss, require_gradients, retrieval_probe, save_checkpoint)
 from model_executor.models.llada import LLaDAModelLM
 from sparsed_engine.evaluation.heldout import stdlib_documents
 from sparsed_engine.evaluation.ruler import GEN, TASKS, make_sample
@@ -116,6 +116,8 @@ def train(args, log=print) -> Path:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 per_row = loss_fn(model, ids, region, norm, mask_id)
             per_row.mean().backward()
+            if step == 0:
+                require_gradients(model)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
