@@ -35,6 +35,7 @@ class RequestSampling:
     alg_temp: float | None
     cfg_scale: float
     num_rows: int              # 1, or 2 with classifier-free guidance
+    threshold: float | None = None  # a threshold policy's: num_transfer is then the minimum to commit
 
 
 @dataclass

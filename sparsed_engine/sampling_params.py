@@ -14,6 +14,7 @@ SEED_MAX = 2**63 - 1  # a torch.Generator seed, with room for per-row offsets
 # probabilities), so a temperature is 0 (greedy) or at least this. Guidance is capped likewise.
 MIN_TEMPERATURE = 1e-5
 MAX_CFG_SCALE = 1000.0
+CONFIDENCE_THRESHOLD = "confidence_threshold"  # the policy `threshold` belongs to (both families offer it)
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -35,7 +36,8 @@ class SamplingParams(StrictModel):
     """Keep only the k most likely tokens (None: all)."""
     unmasking: Annotated[str, Field(min_length=1)] | None = None
     """Unmasking policy, checked by the model family (LLaDA: low_confidence, random; Dream: origin,
-    maskgit_plus, topk_margin, entropy); None takes the model's generation_config, else the family's default."""
+    maskgit_plus, topk_margin, entropy; both: confidence_threshold, which needs threshold); None takes
+    the model's generation_config, else the family's default."""
     alg_temp: Annotated[float, Field(ge=0)] | None = None
     """Dream: temperature of the confidence used to choose positions (None: the family's default)."""
     eps: Annotated[float, Field(ge=0, lt=1)] = 1e-3
@@ -50,6 +52,12 @@ class SamplingParams(StrictModel):
     """Token ids that end the output (besides the model's EOS)."""
     attention_config: OptionalDict = None
     """Per-request overrides of the engine's attention settings (e.g. SparseD's skip, select)."""
+    threshold: Annotated[float, Field(gt=0)] | None = None
+    """unmasking=confidence_threshold only (Fast-dLLM's parallel decoding): each step commits every
+    masked position of the block whose confidence is >= threshold, and at least the most confident
+    one; a block ends when it has no mask left (at the latest after its steps/blocks steps, the last
+    committing all that remain), so a request may take fewer steps than `steps` (its output's
+    metrics.steps says how many). Above 1 nothing reaches it: one token a step."""
 
     @model_validator(mode="before")
     @classmethod
@@ -76,6 +84,11 @@ class SamplingParams(StrictModel):
             value = getattr(self, name)
             if value and value < MIN_TEMPERATURE:
                 raise self.bad(name, f"must be 0 or at least {MIN_TEMPERATURE:g} (smaller overflows the logits)")
+        if self.unmasking == CONFIDENCE_THRESHOLD and self.threshold is None:
+            raise self.bad("threshold", f"unmasking={CONFIDENCE_THRESHOLD!r} needs a threshold")
+        if self.threshold is not None and self.unmasking not in (None, CONFIDENCE_THRESHOLD):
+            raise self.bad("threshold", f"applies to unmasking={CONFIDENCE_THRESHOLD!r} only, "
+                                        f"not {self.unmasking!r}")
         if self.max_tokens % self.block_length:
             raise self.bad("block_length", f"max_tokens={self.max_tokens} must be divisible by block_length")
         if self.steps % self.num_blocks:

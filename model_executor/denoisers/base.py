@@ -21,6 +21,10 @@ class Denoiser(ABC):
     policy_key: ClassVar[str]            # generation_config.json key naming the checkpoint's default
     default_policy: ClassVar[str]        # the reference code's default when the checkpoint names none
     logits_shift: ClassVar[int] = 0      # logits of position i come from hidden row i - logits_shift
+    # Policies whose commit count unmask() decides from the logits, against SamplingParams.threshold
+    # (Fast-dLLM's confidence-threshold decoding): the schedule gives only the minimum to commit, and
+    # a block ends as soon as it has no mask left, so a request may take fewer steps than `steps`.
+    threshold_policies: ClassVar[tuple[str, ...]] = ()
 
     def resolve_policy(self, params: Any, generation_config: dict) -> str:
         """The policy a request runs (its own, else the checkpoint's, else the reference's), after
@@ -33,8 +37,21 @@ class Denoiser(ABC):
             source = "SamplingParams.unmasking" if params.unmasking is not None else \
                 f"generation_config.json {self.policy_key}"
             raise ValueError(f"{source}={policy!r} is not a {self.name} policy; choose from {self.policies}")
+        if policy in self.threshold_policies and params.threshold is None:
+            raise ValueError(f"SamplingParams.threshold=None: the {policy!r} policy needs a threshold")
+        if policy not in self.threshold_policies and params.threshold is not None:
+            raise ValueError(f"SamplingParams.threshold={params.threshold!r} applies only to the "
+                             f"{self.threshold_policies or 'threshold'} policies, not {policy!r}")
         self.check(params, policy)
         return policy
+
+    def plan(self, num_masked: int, step_in_block: int, params: Any, policy: str) -> tuple[int, float]:
+        """transfer() for the request's policy. A threshold policy commits at least one token a step
+        and, at the block's last allotted step (`steps_per_block`), all that remain, as the
+        reference schedule's last step does; unmask() may commit more (those above the threshold)."""
+        if policy in self.threshold_policies:
+            return (num_masked if step_in_block == params.steps_per_block - 1 else 1), 0.0
+        return self.transfer(num_masked, step_in_block, params)
 
     def check(self, params: Any, policy: str) -> None:
         """Family-specific settings beyond SamplingParams' own checks (e.g. LLaDA refuses Dream's
@@ -50,3 +67,11 @@ class Denoiser(ABC):
                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Given float32 logits [M, vocab] of the block's masked positions (canvas order), return
         (indices into those M, chosen token ids) to commit. Runs on the device of the logits."""
+
+
+def threshold_pick(conf: torch.Tensor, num_min: int, threshold: float) -> torch.Tensor:
+    """Fast-dLLM v1's rule: every position whose confidence is >= threshold, and at least the
+    `num_min` most confident (indices into conf). Those above the threshold are the top of the
+    order, so this is one top-k."""
+    k = max(num_min, int((conf >= threshold).sum()))
+    return torch.topk(conf, k).indices

@@ -1,6 +1,11 @@
 """Dream's denoiser, after its reference `diffusion_generate`: logits shifted by one position (the
 model was adapted from an autoregressive one), a timestep schedule from 1 down to `eps`, and the
-`origin`, `maskgit_plus`, `topk_margin` and `entropy` algorithms."""
+`origin`, `maskgit_plus`, `topk_margin` and `entropy` algorithms; and Fast-dLLM v1's
+`confidence_threshold` (its threshold decoding for Dream): the confidence of `maskgit_plus` (the
+sampled token's probability), every masked position of the block at or above the threshold
+committed, at least the most confident one. A block ends when it has no mask left, within
+`steps_per_block` steps: its last allotted step commits all that remain (with steps_per_block ==
+block_length, the default, that is exactly Fast-dLLM's loop, which runs a block until empty)."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model_executor.denoisers.base import Denoiser
+from model_executor.denoisers.base import Denoiser, threshold_pick
 from model_executor.denoisers.filters import filtered_logits
 from model_executor.step_input import RequestSampling
 
@@ -52,10 +57,16 @@ def dream_sample(logits: torch.Tensor, s: RequestSampling,
 
 class DreamDenoiser(Denoiser):
     name = "dream"
-    policies = ("origin", "maskgit_plus", "topk_margin", "entropy")
+    policies = ("origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold")
     policy_key = "alg"
     default_policy = "origin"
     logits_shift = 1
+    threshold_policies = ("confidence_threshold",)
+
+    def check(self, params: Any, policy: str) -> None:
+        if policy in self.threshold_policies and params.alg_temp:
+            raise ValueError(f"SamplingParams.alg_temp={params.alg_temp!r} does not apply to {policy!r} "
+                             f"(it commits by threshold, not by sampling positions)")
 
     def transfer(self, num_masked: int, step_in_block: int, params: Any) -> tuple[int, float]:
         steps, eps = params.steps_per_block, params.eps
@@ -70,6 +81,9 @@ class DreamDenoiser(Denoiser):
             _, x0 = dream_sample(logits[idx], s, gen)
             return idx, x0
         conf, x0 = dream_sample(logits, s, gen)
+        if s.policy in self.threshold_policies:
+            idx = threshold_pick(conf, s.num_transfer, s.threshold)
+            return idx, x0[idx]
         n = s.num_transfer
         if n <= 0:
             return torch.zeros(0, dtype=torch.long, device=logits.device), x0[:0]

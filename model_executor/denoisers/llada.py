@@ -1,5 +1,10 @@
 """LLaDA's denoiser, after its reference `generate`: semi-autoregressive blocks, an even transfer
-schedule per block, Gumbel-max in float64 for tokens, `low_confidence` or `random` remasking."""
+schedule per block, Gumbel-max in float64 for tokens, `low_confidence` or `random` remasking; and
+Fast-dLLM v1's `confidence_threshold` (its `get_transfer_index` with a threshold): the confidence
+of `low_confidence`, every position at or above the threshold committed, at least the most
+confident one. A block ends when it has no mask left, within `steps_per_block` steps: its last
+allotted step commits all that remain (with steps_per_block == block_length, the default, that
+is exactly Fast-dLLM's loop, which runs a block until empty: one token a step at least)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model_executor.denoisers.base import Denoiser
+from model_executor.denoisers.base import Denoiser, threshold_pick
 from model_executor.denoisers.filters import filtered_logits
 from model_executor.step_input import RequestSampling
 
@@ -20,10 +25,11 @@ def llada_transfer_schedule(num_masked: int, steps: int) -> list[int]:
 
 class LLaDADenoiser(Denoiser):
     name = "llada"
-    policies = ("low_confidence", "random")
+    policies = ("low_confidence", "random", "confidence_threshold")
     policy_key = "remasking"
     default_policy = "low_confidence"
     logits_shift = 0
+    threshold_policies = ("confidence_threshold",)
 
     def check(self, params: Any, policy: str) -> None:
         if params.alg_temp:
@@ -44,9 +50,12 @@ class LLaDADenoiser(Denoiser):
         else:
             noisy = logits
         x0 = noisy.argmax(dim=-1)
-        if s.policy == "low_confidence":
-            conf = F.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
-        else:  # random
+        if s.policy == "random":
             conf = torch.rand(x0.shape, device=x0.device, generator=gen)
-        idx = torch.topk(conf, s.num_transfer).indices
+        else:  # low_confidence, confidence_threshold
+            conf = F.softmax(logits, dim=-1).gather(-1, x0[:, None]).squeeze(-1)
+        if s.policy in self.threshold_policies:
+            idx = threshold_pick(conf, s.num_transfer, s.threshold)
+        else:
+            idx = torch.topk(conf, s.num_transfer).indices
         return idx, x0[idx]

@@ -25,6 +25,8 @@ class Sequence:
 
     `step` counts denoising steps over the whole request (across blocks), as SparseD counts them.
     Its family's denoiser says how many tokens each step commits; rank 0's worker chooses them.
+    Under a threshold policy the worker also decides how many (at least the plan's count), so a
+    block ends as soon as it has no mask left, before its `steps_per_block` if it empties early.
     """
     _seq_ids = itertools.count()   # unique in this process, unlike request ids, which may be reused
 
@@ -38,6 +40,7 @@ class Sequence:
         self.params = params
         self.denoiser = denoiser
         self.policy = policy
+        self.ends_blocks_when_empty = policy in denoiser.threshold_policies
         self.mask_token_id = mask_token_id
         self.attention_config = attention_config
         self.pattern_blocks_needed = pattern_blocks   # 0: this request never needs a pattern
@@ -91,7 +94,7 @@ class Sequence:
     # ---------------------------------------------------------------- schedule
     def transfer_plan(self, num_masked: int) -> tuple[int, float]:
         """(tokens to commit, per-position commit probability) at the current step."""
-        return self.denoiser.transfer(num_masked, self.step_in_block, self.params)
+        return self.denoiser.plan(num_masked, self.step_in_block, self.params, self.policy)
 
     def sampling(self, num_transfer: int, transfer_prob: float) -> RequestSampling:
         """What rank 0's worker needs to commit this step's tokens."""
@@ -99,7 +102,8 @@ class Sequence:
         return RequestSampling(
             request_id=self.request_id, seq_id=self.seq_id, seed=self.seed, policy=self.policy,
             num_transfer=num_transfer, transfer_prob=transfer_prob, temperature=p.temperature,
-            top_p=p.top_p, top_k=p.top_k, alg_temp=p.alg_temp, cfg_scale=p.cfg_scale, num_rows=self.num_rows)
+            top_p=p.top_p, top_k=p.top_k, alg_temp=p.alg_temp, cfg_scale=p.cfg_scale, num_rows=self.num_rows,
+            threshold=p.threshold)
 
     # ---------------------------------------------------------------- progress
     def commit(self, positions: list[int], tokens: list[int]) -> None:
@@ -113,7 +117,8 @@ class Sequence:
     def advance(self) -> None:
         self.step += 1
         self.step_in_block += 1
-        if self.step_in_block == self.params.steps_per_block:
+        if self.step_in_block == self.params.steps_per_block or (
+                self.ends_blocks_when_empty and not self.masked_positions().numel()):
             self.block += 1
             self.step_in_block = 0
         if self.block == self.params.num_blocks:

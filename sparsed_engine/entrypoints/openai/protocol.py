@@ -44,7 +44,7 @@ class StreamOptions(OpenAIBaseModel):
 # the sampling fields with the same name and meaning in SamplingParams (OpenAI's, then the diffusion ones)
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "steps", "block_length",
                     "unmasking", "top_k", "cfg_scale", "alg_temp", "eps", "attention_config",
-                    "stop_token_ids")
+                    "stop_token_ids", "threshold")
 
 
 class _SamplingRequest(OpenAIBaseModel):
@@ -68,6 +68,7 @@ class _SamplingRequest(OpenAIBaseModel):
     eps: float | None = None
     attention_config: dict[str, Any] | None = None
     stop_token_ids: list[int] | None = None
+    threshold: float | None = None
     # OpenAI fields not implemented: allowed only at their "off" value
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
