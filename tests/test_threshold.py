@@ -188,3 +188,17 @@ def test_threshold_checked_against_the_resolved_policy(llada, dream):
     with pytest.raises(ValueError, match=r"SamplingParams.alg_temp=0.5 does not apply to 'confidence_threshold'"):
         dream.generate("hi", _params(0.9, max_tokens=8, alg_temp=0.5), use_tqdm=False)
     assert not llada.llm_engine.has_unfinished_requests() and not dream.llm_engine.has_unfinished_requests()
+
+
+def test_cli_and_server_fields(tiny_llada_dir, llada, capsys):
+    """`--threshold` on the CLI, `threshold` in a server request body: the same SamplingParams."""
+    from sparsed_engine.entrypoints.cli import main as cli_main
+    from sparsed_engine.entrypoints.openai.protocol import CompletionRequest
+    body = CompletionRequest(prompt="Hello", max_tokens=8, unmasking="confidence_threshold", threshold=0.2)
+    assert body.sampling_params() == _params(0.2, max_tokens=8)
+    with pytest.raises(ValueError, match=r"SamplingParams.threshold=None"):
+        CompletionRequest(prompt="Hello", unmasking="confidence_threshold").sampling_params()
+    cli_main(["generate", "--model", str(tiny_llada_dir), "--prompt", "Hello", "--max-tokens", "8",
+              "--unmasking", "confidence_threshold", "--threshold", "0.2"])
+    expect = llada.generate(["Hello"], _params(0.2, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    assert expect and expect in capsys.readouterr().out
