@@ -183,7 +183,7 @@ def test_bad_values_named(kw, match):
 
 def test_threshold_checked_against_the_resolved_policy(llada, dream):
     # no unmasking given: the family's default policy does not take a threshold
-    with pytest.raises(ValueError, match=r"SamplingParams.threshold=0.9 applies only to"):
+    with pytest.raises(ValueError, match=r"SamplingParams.threshold=0.9 does not apply to the 'low_confidence' policy"):
         llada.generate("hi", SamplingParams(max_tokens=8, threshold=0.9), use_tqdm=False)
     with pytest.raises(ValueError, match=r"SamplingParams.alg_temp=0.5 does not apply to 'confidence_threshold'"):
         dream.generate("hi", _params(0.9, max_tokens=8, alg_temp=0.5), use_tqdm=False)
@@ -202,3 +202,15 @@ def test_cli_and_server_fields(tiny_llada_dir, llada, capsys):
               "--unmasking", "confidence_threshold", "--threshold", "0.2"])
     expect = llada.generate(["Hello"], _params(0.2, max_tokens=8), use_tqdm=False)[0].outputs[0].text
     assert expect and expect in capsys.readouterr().out
+
+
+def test_policy_from_generation_config_needs_threshold(tmp_path):
+    import json
+    from tests.tiny_checkpoints import write_tiny_llada
+    folder = write_tiny_llada(tmp_path / "m")
+    (folder / "generation_config.json").write_text(json.dumps({"remasking": "confidence_threshold"}))
+    llm = LLM(model=str(folder))
+    with pytest.raises(ValueError, match=r"SamplingParams.threshold=None: the 'confidence_threshold' policy needs"):
+        llm.generate("hi", SamplingParams(max_tokens=8), use_tqdm=False)
+    out = llm.generate("hi", SamplingParams(max_tokens=8, threshold=1e-6), use_tqdm=False)[0]
+    assert out.metrics.steps == 1

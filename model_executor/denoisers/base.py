@@ -40,8 +40,8 @@ class Denoiser(ABC):
         if policy in self.threshold_policies and params.threshold is None:
             raise ValueError(f"SamplingParams.threshold=None: the {policy!r} policy needs a threshold")
         if policy not in self.threshold_policies and params.threshold is not None:
-            raise ValueError(f"SamplingParams.threshold={params.threshold!r} applies only to the "
-                             f"{self.threshold_policies or 'threshold'} policies, not {policy!r}")
+            raise ValueError(f"SamplingParams.threshold={params.threshold!r} does not apply to the "
+                             f"{policy!r} policy")
         self.check(params, policy)
         return policy
 
