@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from tests.tiny_checkpoints import write_tiny_dream, write_tiny_llada
+from sparsed_engine import LLM  # noqa: E402
+from tests.tiny_checkpoints import write_tiny_dream, write_tiny_llada  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,14 @@ def tiny_llada_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dream_dir(tmp_path_factory):
     return write_tiny_dream(tmp_path_factory.mktemp("tiny_dream"))
+
+
+# One engine per test module on each tiny checkpoint (modules that need their own options build their own).
+@pytest.fixture(scope="module")
+def llada(tiny_llada_dir):
+    return LLM(model=str(tiny_llada_dir))
+
+
+@pytest.fixture(scope="module")
+def dream(tiny_dream_dir):
+    return LLM(model=str(tiny_dream_dir))

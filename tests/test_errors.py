@@ -7,11 +7,6 @@ from sparsed_engine import LLM, SamplingParams
 from sparsed_engine.entrypoints.cli import main as cli_main
 
 
-@pytest.fixture(scope="module")
-def llada(tiny_llada_dir):
-    return LLM(model=str(tiny_llada_dir))
-
-
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(steps=0), "steps=0"),
     (dict(max_tokens=0), "max_tokens=0"),

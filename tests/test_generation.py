@@ -2,18 +2,8 @@
 import pytest
 import torch
 
-from sparsed_engine import LLM, SamplingParams
+from sparsed_engine import SamplingParams
 from tests import reference_generate as ref
-
-
-@pytest.fixture(scope="module")
-def llada(tiny_llada_dir):
-    return LLM(model=str(tiny_llada_dir))
-
-
-@pytest.fixture(scope="module")
-def dream(tiny_dream_dir):
-    return LLM(model=str(tiny_dream_dir))
 
 
 def _model(llm):

@@ -9,16 +9,6 @@ from sparsed_engine import LLM, SamplingParams
 from tests.reference_generate import raw_logits
 
 
-@pytest.fixture(scope="module")
-def llada(tiny_llada_dir):
-    return LLM(model=str(tiny_llada_dir))
-
-
-@pytest.fixture(scope="module")
-def dream(tiny_dream_dir):
-    return LLM(model=str(tiny_dream_dir))
-
-
 def _ids(llm, text):
     return llm.get_tokenizer().encode(text)
 

@@ -18,11 +18,6 @@ from sparsed_engine.validation import InvalidTypeError
 NAN, INF = math.nan, math.inf
 
 
-@pytest.fixture(scope="module")
-def llada(tiny_llada_dir):
-    return LLM(model=str(tiny_llada_dir))
-
-
 def _refused(llm, prompt, params, needle, exc=ValueError):
     with pytest.raises(exc, match=needle):
         llm.generate(prompt, params, use_tqdm=False)
