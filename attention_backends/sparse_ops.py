@@ -42,3 +42,23 @@ def pattern_lists(bits, nk: int, width: int, kernel="auto"):
     from attention_backends.sparsed_pattern import kv_lists, unpack_bits
     num, idx = kv_lists(unpack_bits(bits, nk))
     return num, torch.nn.functional.pad(idx, (0, width - idx.shape[-1]))
+
+
+def paged_attention(q, k_cache, v_cache, page_table, cu_q, q_start, kv_len, scale, block_size=None,
+                    q_block_offsets=None, kv_num=None, kv_idx=None, kernel="auto"):
+    """A cached step's attention over the paged KV pool (layout in ops/paged_attn_ref.py)."""
+    if kernel in ("auto", "flex", "triton") and _triton_ok(q):
+        from attention_backends.ops.paged_attn import paged_attention as fn
+    else:
+        from attention_backends.ops.paged_attn_ref import paged_attention_ref as fn
+    return fn(q, k_cache, v_cache, page_table, cu_q, q_start, kv_len, scale, block_size,
+              q_block_offsets, kv_num, kv_idx)
+
+
+def write_kv(k_cache, v_cache, k, v, slots, kernel="auto"):
+    """Store fresh keys and values at flat slots (page * page_size + offset) of the paged pool."""
+    if kernel in ("auto", "flex", "triton") and _triton_ok(k):
+        from attention_backends.ops.paged_attn import write_kv as fn
+    else:
+        from attention_backends.ops.paged_attn_ref import write_kv_ref as fn
+    fn(k_cache, v_cache, k, v, slots)
