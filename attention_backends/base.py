@@ -37,6 +37,19 @@ class RowSpec:
     phase: str = DENSE           # DENSE, SELECT (dense + choose the pattern) or SPARSE
     pattern_blocks: tuple[int, ...] = ()   # pool block ids holding this row's pattern
     config: Any = None           # the backend's resolved per-request config
+    # Throughput mode (a KV cache refreshed per semi-AR block). kv_pages: the KV pool pages of
+    # this row (page i holds canvas positions i*page_size ..); () = no cache. With pages and
+    # computed=None the row is a refresh step: it runs whole, as in exact mode, and stores every
+    # layer's K/V. computed=(s, e): a cached step: only canvas positions s..e-1 are in the packed
+    # batch; their K/V are stored, then their queries attend to all `length` keys of the pool
+    # (phase DENSE: every key; SPARSE: the stored pattern's rows of their query blocks).
+    kv_pages: tuple[int, ...] = ()
+    computed: tuple[int, int] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of this row in the step's packed batch."""
+        return self.length if self.computed is None else self.computed[1] - self.computed[0]
 
 
 @dataclass
@@ -44,6 +57,19 @@ class PoolSpec:
     """Size of the worker-side pattern pool; the scheduler's block manager hands out its ids."""
     num_blocks: int = 0
     block_bytes: int = 1 << 16
+
+
+@dataclass
+class KVPoolSpec:
+    """Size of the worker-side paged KV pool (throughput mode); the block manager hands out pages."""
+    num_pages: int = 0
+    page_size: int = 64   # tokens per page
+
+
+def kv_page_bytes(layout: AttentionLayout, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV page takes on a worker: K and V of `page_size` tokens in every layer."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * layout.num_layers * page_size * layout.num_kv_heads * layout.head_dim * itemsize
 
 
 class AttentionBackend(ABC):
@@ -55,6 +81,7 @@ class AttentionBackend(ABC):
     """
     name: ClassVar[str] = ""
     keeps_patterns: ClassVar[bool] = False  # True: the engine sizes a pattern pool for it
+    supports_kv_cache: ClassVar[bool] = False  # True: its forward handles RowSpec.kv_pages / computed
 
     def __init__(self, layout: AttentionLayout, device: torch.device, dtype: torch.dtype):
         self.layout = layout
@@ -99,3 +126,15 @@ class AttentionBackend(ABC):
 
     def pool_usage(self) -> dict:
         return {}
+
+    def init_kv_pool(self, spec: KVPoolSpec) -> None:
+        """Allocate the paged KV pool: k_cache / v_cache [num_layers, num_pages, page_size, Hkv, D]."""
+        lay = self.layout
+        shape = (lay.num_layers, spec.num_pages, spec.page_size, lay.num_kv_heads, lay.head_dim)
+        self.kv_page_size = spec.page_size
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def kv_pool_usage(self) -> dict:
+        k = getattr(self, "k_cache", None)
+        return {"kv_allocated_bytes": 0 if k is None else 2 * k.numel() * k.element_size()}

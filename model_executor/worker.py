@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention_backends.base import PoolSpec
+from attention_backends.base import KVPoolSpec, PoolSpec
 from attention_backends.registry import get_backend_class
 from model_executor.families import get_family
 from model_executor.model_loader import load_model, read_model_info
@@ -61,6 +61,12 @@ class Worker:
 
     def pool_usage(self) -> dict:
         return self.backend.pool_usage()
+
+    def init_kv_pool(self, spec: KVPoolSpec) -> None:
+        self.backend.init_kv_pool(spec)
+
+    def kv_pool_usage(self) -> dict:
+        return self.backend.kv_pool_usage()
 
     def execute(self, step: StepInput) -> list[SampledTokens] | list[torch.Tensor] | None:
         """Rank 0 (or the single worker): what each request committed, as plain CPU data (or,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from attention_backends.base import AttentionBackend, PoolSpec, RowSpec
+from attention_backends.base import AttentionBackend, KVPoolSpec, PoolSpec, RowSpec
 from model_executor.parallel.group import SequenceParallelGroup
 from model_executor.parallel.layout import kv_repeats
 
@@ -44,3 +44,9 @@ class UlyssesBackend(AttentionBackend):
 
     def pool_usage(self) -> dict:
         return self.inner.pool_usage()
+
+    def init_kv_pool(self, spec: KVPoolSpec) -> None:
+        self.inner.init_kv_pool(spec)   # each rank caches its own heads (after the all-to-all)
+
+    def kv_pool_usage(self) -> dict:
+        return self.inner.kv_pool_usage()

@@ -14,7 +14,7 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 
-from attention_backends.base import PoolSpec
+from attention_backends.base import KVPoolSpec, PoolSpec
 from model_executor.step_input import StepInput
 
 FAILURE_GRACE_S = 2.0   # after one rank fails, wait this long for the others to report why
@@ -45,6 +45,15 @@ class Executor(ABC):
     def pool_usage(self) -> dict:
         """Worker-side pool facts (bytes allocated) for engine stats, summed over ranks."""
         usages = self.collective_rpc("pool_usage")
+        return {key: sum(u[key] for u in usages) for key in usages[0]}
+
+    def init_kv_pool(self, spec: KVPoolSpec) -> None:
+        """Allocate the paged KV pool tensors on every worker (throughput mode)."""
+        self.collective_rpc("init_kv_pool", spec)
+
+    def kv_pool_usage(self) -> dict:
+        """Worker-side KV pool bytes allocated, summed over ranks."""
+        usages = self.collective_rpc("kv_pool_usage")
         return {key: sum(u[key] for u in usages) for key in usages[0]}
 
     def shutdown(self) -> None:
