@@ -9,7 +9,8 @@ select 0.1 / 0.2 / 0.5; block 32 / 64; skip 0 / 0.1 / 0.3; both selection scales
             samples, and "within 1 pt": the per-sample full-match outcomes against dense's on the
             same prompts (McNemar, stats.py)
   depth     needle accuracy by depth third (start / middle / end), niah_single + niah_multikey
-  density   kept tiles / all tiles of the patterns selected on this length's NLL windows
+  density   kept tiles / all tiles of the patterns selected on this length's NLL windows (and, in
+            frontier.json, per layer and head: "head_density", for benchmarks/equal_fidelity.py)
   NLL       masked-token NLL at mask ratio 0.3 of a 64-step nested schedule (measures.py)
   TF agree  teacher-forced top-1 agreement with dense and KL(dense || setting) (measures.py)
 
@@ -112,7 +113,8 @@ def run(model: str, lengths: list[int], per_task: int, device: str, max_minutes:
             row[n] = {"score": suite["average"], "tasks": suite["tasks"], "depth": suite["depth"],
                       "interval": mean_interval(suite["scores"]),
                       "full_match": [s == 1.0 for s in suite["scores"]], "nll": nll,
-                      "density": density.get("density", 1.0), "agree_tf": top1, "kl_tf": kl}
+                      "density": density.get("density", 1.0), "head_density": density.get("head_density"),
+                      "agree_tf": top1, "kl_tf": kl}
             log(f"{setting.label} @ {n}: score {suite['average']:.3f} density {row[n]['density']:.3f} "
                 f"NLL {nll:.4f} TF {top1:.3f} ({time.time() - t0:.0f}s)")
         llm.shutdown()

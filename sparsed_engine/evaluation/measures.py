@@ -119,18 +119,22 @@ class _Patterns:
             self.bm.free(rid)
 
 
-def pattern_density(llm: LLM, patterns: _Patterns, lengths: list[int], prompt_lens: list[int]) -> float:
-    """Kept tiles / all tiles of the patterns just selected (every layer, head, row); single-process
-    engines only, where the worker's backend is in reach."""
+def pattern_density(llm: LLM, patterns: _Patterns, lengths: list[int], prompt_lens: list[int]) -> dict:
+    """Kept tiles / all tiles of the patterns just selected: {"density": over every layer, head and
+    row, "head_density": [layer][head] over the rows}; single-process engines only, where the
+    worker's backend is in reach."""
     backend = llm.llm_engine.executor.worker.backend
     meta = backend.build_metadata([patterns.spec(i, n, p, SPARSE) for i, (n, p) in enumerate(zip(lengths, prompt_lens))])
-    kept = total = 0
+    layout = backend.layout
+    kept = torch.zeros(layout.num_layers, layout.num_heads)
+    total = 0
     for row in meta.rows:
-        for layer in range(backend.layout.num_layers):
-            tiles = backend.load_tiles(row, layer)
-            kept += int(tiles.sum())
-            total += tiles.numel()
-    return kept / total
+        for layer in range(layout.num_layers):
+            tiles = backend.load_tiles(row, layer)                # [H, nb, nb]
+            kept[layer] += tiles.flatten(1).sum(1).float().cpu()
+        total += tiles[0].numel()
+    return {"density": kept.sum().item() / (total * layout.num_layers * layout.num_heads),
+            "head_density": (kept / total).tolist()}
 
 
 # ---------------------------------------------------------------- NLL
@@ -142,7 +146,8 @@ def nested_order(n: int, seed: int) -> torch.Tensor:
 def masked_nll(llm: LLM, setting: Setting, docs: list[list[int]], ratio: float, seed: int,
                steps: int = 64, density: dict | None = None) -> float:
     """Mean NLL of the masked tokens of the docs' second halves at mask ratio `ratio` (module doc).
-    `density`, when given, receives the achieved pattern density under key "density"."""
+    `density`, when given, receives the achieved pattern density under "density" and per layer
+    and head under "head_density" (pattern_density)."""
     engine = llm.llm_engine
     mask_id = engine.info.mask_token_id
     lengths = [len(d) for d in docs]
@@ -167,7 +172,7 @@ def masked_nll(llm: LLM, setting: Setting, docs: list[list[int]], ratio: float, 
                            for i, n in enumerate(lengths)]
             engine.executor.execute(StepInput(select_rows))
             if density is not None:
-                density["density"] = pattern_density(llm, pat, lengths, halves)
+                density.update(pattern_density(llm, pat, lengths, halves))
         else:
             phase = DENSE
         rows = [RowInput(c, pos, pat.spec(i, n, halves[i], phase))
