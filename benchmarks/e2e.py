@@ -29,11 +29,12 @@ SPARSE = {"skip": 0.2, "select": 0.3, "block_size": 128}
 GEN = 128
 
 
-def sdpa_steps(llm: LLM, ids: list[int], params: SamplingParams, sdpa: str = ""):
-    """timed_steps with the dense SDPA kernel pinned (cudnn, flash) or chosen automatically ("")."""
+def sdpa_steps(llm: LLM, ids: list[int], params: SamplingParams, sdpa: str = "", sync=torch.cuda.synchronize):
+    """timed_steps with the dense SDPA kernel pinned (cudnn, flash) or chosen automatically ("");
+    `sync` waits for the device (a no-op on CPU)."""
     os.environ[SDPA_ENV] = sdpa
     try:
-        return timed_steps(llm, ids, params, torch.cuda.synchronize)
+        return timed_steps(llm, ids, params, sync)
     finally:
         os.environ[SDPA_ENV] = ""
 

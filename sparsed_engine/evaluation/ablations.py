@@ -1,5 +1,5 @@
-"""The two ablations SparseD's paper reports as failing, and a probe that measures the pattern,
-as attention backends for the engine.
+"""The two ablations SparseD's paper reports as failing, a probe that measures the pattern and
+SparseD with drawn per-head densities (drawn.py), as attention backends for the engine.
 
 Each subclasses SparseDBackend and changes one decision or adds a measurement; they are registered
 through the same entry-point group as every backend, from a throwaway dist-info that `register()`
@@ -18,6 +18,7 @@ from attention_backends.base import SELECT, SPARSE
 from attention_backends.registry import GROUP
 from attention_backends import sparse_ops
 from attention_backends.sparsed import SparseDBackend
+from sparsed_engine.evaluation.drawn import DrawnDensityBackend
 
 
 class SparseFromStep0Backend(SparseDBackend):
@@ -68,17 +69,18 @@ class PatternProbeBackend(SparseDBackend):
             self.records.append({"layer": layer, "mass": mass, "jaccard": jaccard})
 
 
-BACKENDS = {cls.name: cls for cls in (SparseFromStep0Backend, SlidingWindowBackend, PatternProbeBackend)}
+BACKENDS = {cls.name: cls for cls in (SparseFromStep0Backend, SlidingWindowBackend, PatternProbeBackend,
+                                      DrawnDensityBackend)}
 
 
 def register() -> None:
-    """Make both backends discoverable by name for this process (idempotent)."""
+    """Make these backends discoverable by name for this process (idempotent)."""
     folder = Path(tempfile.gettempdir()) / "sparsed_engine_evaluation_backends"
     info = folder / "sparsed_engine_evaluation_backends-1.0.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sparsed-engine-evaluation-backends\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[{GROUP}]\n" + "".join(
-        f"{name} = {__name__}:{cls.__name__}\n" for name, cls in BACKENDS.items()))
+        f"{name} = {cls.__module__}:{cls.__name__}\n" for name, cls in BACKENDS.items()))
     if str(folder) not in sys.path:
         sys.path.append(str(folder))
         importlib.invalidate_caches()
