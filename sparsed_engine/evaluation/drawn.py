@@ -1,7 +1,8 @@
 """Kept-tile patterns with a prescribed density per (layer, head), for timing sparse steps at the
 density a fidelity model measured (random weights have no real sparsity to select from).
 
-`draw_head_densities` maps a measured [layers][heads] table onto another model's shape;
+`draw_head_densities` maps a measured [layers][heads] table onto another model's shape (a
+balanced resample in depth order);
 `DrawnDensityBackend` is SparseD with one decision changed: at the selection step each (layer, head)
 keeps a fixed number of key blocks per query block, round(density * nb) (at least 1), the diagonal
 block first and the rest in order of SparseD's own block importance on this step's q/k. Everything
@@ -20,35 +21,34 @@ from attention_backends.sparsed import SparseDBackend, SparseDConfig
 
 
 def draw_head_densities(source: list[list[float]], layers: int, heads: int, seed: int = 0) -> list[list[float]]:
-    """A [layers][heads] table drawn from the measured [L][H] table `source`.
+    """A [layers][heads] table drawn from the measured [L][H] table `source`: a balanced resample.
 
-    Depth is kept: target layer l draws from source layer floor(l * L / layers). Within the target
-    layers that one source layer feeds, every source head's density appears equally often (the
-    counts differ by at most one when they do not divide evenly), at random positions: a balanced
-    resample, so the drawn distribution matches the measured one per depth, not only on average."""
+    Every measured (layer, head) density is copied equally often (the counts differ by at most one
+    when layers * heads is not a multiple of L * H; the extra copies go to heads chosen at random),
+    the copies of each source layer are shuffled among themselves, and the source layers, in depth
+    order, fill the target's layers in depth order. So the drawn distribution matches the measured
+    one (not only its mean), and a target layer at a given relative depth holds the densities of
+    the source layer(s) at that depth."""
     if not source or not all(isinstance(r, (list, tuple)) and r for r in source):
         raise ValueError(f"source density table must be a non-empty [layers][heads] list, got {source!r:.80}")
     if len({len(r) for r in source}) != 1:
         raise ValueError(f"source density table rows differ in length: {[len(r) for r in source]}")
-    bad = [d for r in source for d in r if not (isinstance(d, (int, float)) and 0 < d <= 1)]
+    bad = [d for r in source for d in r if isinstance(d, bool) or not (isinstance(d, (int, float)) and 0 < d <= 1)]
     if bad:
         raise ValueError(f"source densities must lie in (0, 1], got {bad[:4]}")
     if layers < 1 or heads < 1:
         raise ValueError(f"target shape must be positive, got layers={layers} heads={heads}")
     g = torch.Generator().manual_seed(seed)
-    src_of = [l * len(source) // layers for l in range(layers)]
-    out: list[list[float]] = [[] for _ in range(layers)]
-    for s, row in enumerate(source):
-        targets = [l for l in range(layers) if src_of[l] == s]
-        if not targets:
-            continue   # more source layers than target layers: this one is not drawn from
-        slots = len(targets) * heads
-        order = torch.randperm(len(row), generator=g).tolist()   # which heads get the extra copy
-        pool = [row[order[i % len(row)]] for i in range(slots)]
-        pool = [pool[i] for i in torch.randperm(slots, generator=g).tolist()]
-        for j, l in enumerate(targets):
-            out[l] = pool[j * heads:(j + 1) * heads]
-    return out
+    flat = [float(d) for row in source for d in row]
+    slots, width = layers * heads, len(source[0])
+    base, extra = divmod(slots, len(flat))
+    lucky = set(torch.randperm(len(flat), generator=g)[:extra].tolist())
+    copies = [base + (i in lucky) for i in range(len(flat))]
+    filled: list[float] = []
+    for s in range(len(source)):
+        chunk = [flat[i] for i in range(s * width, (s + 1) * width) for _ in range(copies[i])]
+        filled += [chunk[j] for j in torch.randperm(len(chunk), generator=g).tolist()]
+    return [filled[l * heads:(l + 1) * heads] for l in range(layers)]
 
 
 def kept_counts(head_density: torch.Tensor, nb: int) -> torch.Tensor:
