@@ -86,23 +86,24 @@ def judge(frontier: dict) -> list[Candidate]:
         backend, config = frontier["settings"][label]
         c = Candidate(label, backend, dict(config or {}), cells)
         c.eligible = backend == "sparsed"
-        missing = [n for n in lengths if n not in cells]
-        if missing:
-            c.why.append(f"not measured at {missing} (the frontier run stopped early)")
+        failed = [n for n in lengths if n not in cells]
+        if failed:
+            c.why.append(f"not measured at {failed} (the frontier run stopped early)")
         for n in lengths:
             if n not in cells:
                 continue
             a, b = dense[n]["full_match"], cells[n]["full_match"]
-            if len(a) != len(b):
-                c.why.append(f"{n}: {len(b)} samples vs dense's {len(a)}, not paired")
+            if len(a) != len(b) or not a:
+                c.why.append(f"{n}: {len(b)} samples vs dense's {len(a)}, no paired test")
+                failed.append(n)
                 continue
-            drop = 100 * (sum(a) - sum(b)) / max(len(a), 1)
+            drop = 100 * (sum(a) - sum(b)) / len(a)
             verdict = within_points(a, b)
             c.why.append(f"{n}: {verdict} (loses {drop:+.1f} pts, McNemar p={mcnemar_p(a, b):.2g}, "
                          f"{len(a)} prompts)")
             if verdict != "yes":
-                missing.append(n)
-        c.passed = not missing
+                failed.append(n)
+        c.passed = not failed
         measured = [cells[n]["density"] for n in lengths if n in cells]
         c.mean_density = statistics.fmean(measured) if measured else float("nan")
         if not c.eligible:
@@ -178,10 +179,10 @@ def drawn_config(c: Candidate, table: list[list[float]]) -> dict:
 def measure(llm: LLM, n: int, gen: int, paper: dict, target: dict, sync) -> dict:
     ids = prompt_ids(llm.get_tokenizer(), n - gen)
     dense = SamplingParams(max_tokens=gen, steps=DENSE_STEPS, attention_config={"skip": 1.0})
-    warm = ids[:min(4096, n // 2)]   # compile the kernels of both block sizes at a short length
-    for cfg in (paper, target):
-        warm_params = SamplingParams(max_tokens=gen, steps=4, attention_config={**cfg, "skip": 0.0})
-        sdpa_steps(llm, warm, warm_params, "", sync)
+    if str(llm.llm_engine.device).startswith("cuda"):   # compile both block sizes' kernels at a short length
+        for cfg in (paper, target):
+            warm_params = SamplingParams(max_tokens=gen, steps=4, attention_config={**cfg, "skip": 0.0})
+            sdpa_steps(llm, ids[:min(4096, n // 2)], warm_params, "", sync)
     r = {"dense_cudnn": median_of(sdpa_steps(llm, ids, dense, "cudnn", sync), DENSE),
          "dense_fa2": median_of(sdpa_steps(llm, ids, dense, "flash", sync), DENSE)}
     print(f"dense step: cuDNN {r['dense_cudnn']:.3f} s, FA2 {r['dense_fa2']:.3f} s", flush=True)
@@ -245,8 +246,10 @@ def markdown(title: str, cands: list[Candidate], timed: Candidate, at_equal: boo
 def describe_patterns(src_len: int, src_table, drawn, achieved, n: int, seed: int) -> str:
     source = (f"per-head densities at {src_len} tokens ({summary(flat(src_table))})" if src_table else
               f"no per-head densities in frontier.json: every head at the mean density at {src_len} tokens")
-    return (f"Patterns: {source}; drawn onto {len(drawn)} x {len(drawn[0])} heads (each measured head copied "
-            f"equally often, shuffled within its layer, in depth order; seed {seed}: {summary(flat(drawn))}); "
+    return (f"Patterns: {source}, applied at {n} (select fixes the kept share by construction; with mass "
+            f"it may change with length: see the densities by length below); drawn onto {len(drawn)} x "
+            f"{len(drawn[0])} heads (each measured head copied equally often, shuffled within its layer, in "
+            f"depth order; seed {seed}: {summary(flat(drawn))}); "
             f"each head keeps round(density x key blocks) per query block, the diagonal block and then by block "
             f"importance on the random weights' q/k; achieved at {n}: {summary(flat(achieved))}.")
 
@@ -290,12 +293,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--length", type=int, default=None, help="canvas tokens (default 65536; --toy: 512)")
     ap.add_argument("--seed", type=int, default=0, help="of the draw of per-head densities")
     ap.add_argument("--toy", action="store_true", help="CPU smoke: the bundled model's shape, random weights")
+    ap.add_argument("--model", default=None, help="model folder whose shape is timed, with random weights "
+                    "(default: LLaDA-8B's; --toy: the bundled model's)")
     args = ap.parse_args(argv)
     t0 = time.time()
     n = args.length or (512 if args.toy else 65536)
     gen = 32 if args.toy else 128
     if n <= 2 * gen:
         raise ValueError(f"--length {n} must exceed {2 * gen} (the generation region and a prompt)")
+    if not args.toy and not torch.cuda.is_available():
+        raise ValueError("the timing needs a CUDA device; --toy runs the CPU smoke version")
     frontier = json.loads(Path(args.frontier).read_text())
     ablations.register()
     cands = judge(frontier)
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cpu" if args.toy else "cuda"
     sync = (lambda: None) if device == "cpu" else torch.cuda.synchronize
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(DEFAULT_MODEL) if args.toy else str(write_model_dir(Path(tmp)))
+        model = args.model or str(DEFAULT_MODEL if args.toy else write_model_dir(Path(tmp)))
         llm = LLM(model=model, load_format="dummy", dtype="float32" if args.toy else "bfloat16", device=device,
                   attention_backend="sparsed_drawn", attention_config=paper_cfg, max_model_len=n)
         lay = llm.llm_engine.layout
@@ -327,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         times = measure(llm, n, gen, paper_cfg, drawn_config(timed, drawn), sync)
         llm.shutdown()
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (the cuDNN/FA2 pins do not apply)"
-    shape = "bundled model shape (toy)" if args.toy else "LLaDA-8B shape"
+    shape = f"{Path(args.model).name} shape" if args.model else "bundled model shape" if args.toy else "LLaDA-8B shape"
     title = (f"Speed at equal fidelity, {shape}, random weights, N={n}, {where}, {datetime.date.today()}, "
              f"torch {torch.__version__}")
     label = f"{timed.label}, drawn densities" + ("" if at_equal else ", NOT at equal fidelity")

@@ -7,7 +7,7 @@ import torch
 
 from attention_backends.base import SELECT, AttentionLayout, PoolSpec, RowSpec
 from attention_backends.sparsed import SparseDBackend, SparseDConfig
-from benchmarks.equal_fidelity import choose, head_table, judge, paper_candidate, phase_counts
+from benchmarks.equal_fidelity import choose, head_table, judge, main, paper_candidate, phase_counts
 from sparsed_engine.evaluation import ablations
 from sparsed_engine.evaluation.drawn import DrawnDensityBackend, draw_head_densities, kept_counts
 
@@ -64,7 +64,11 @@ def test_chooses_the_sparsest_setting_within_a_point_at_every_length(tmp_path):
 
 
 def test_none_passing_and_the_override():
-    cands = judge(synthetic_frontier([r for r in FRONTIER if r[0].startswith(("select", "skip"))]))
+    frontier = synthetic_frontier([r for r in FRONTIER if r[0].startswith(("select", "skip"))] +
+                                  [("unpaired", "sparsed", 0.01, (0, 0))])
+    frontier["results"]["unpaired"]["512"]["full_match"] = DENSE[:-1]
+    cands = judge(frontier)
+    assert "no paired test" in " ".join(cands[-1].why) and not cands[-1].passed
     assert choose(cands) is None                     # the caller then times the paper setting
     assert choose(cands, "select=0.1 bs=64").label == "select=0.1 bs=64"   # even a failing one
     with pytest.raises(ValueError, match="not in frontier.json"):
@@ -150,3 +154,23 @@ def test_bad_density_tables_are_refused():
     q, k, v = (torch.randn(64, 4, 16, generator=g) for _ in range(3))
     with pytest.raises(ValueError, match="1 layers x 3 heads"):
         _select(DrawnDensityBackend, cfg, q, k, v, layers=1)
+
+
+def test_toy_run_end_to_end(tmp_path, tiny_llada_dir):
+    """The whole command on CPU (the tiny LLaDA's 2 x 4 heads): the choice, the drawn patterns at
+    the chosen densities, the table."""
+    frontier = synthetic_frontier(FRONTIER)
+    for label in frontier["settings"]:
+        if label != "dense":
+            frontier["settings"][label][1]["block_size"] = 16
+    (tmp_path / "f.json").write_text(json.dumps(frontier))
+    data = main(["--frontier", str(tmp_path / "f.json"), "--out", str(tmp_path / "out"), "--toy",
+                 "--length", "160", "--model", str(tiny_llada_dir)])
+    assert data["timed"] == "adaptive mass=0.9 bs=64" and data["at_equal_fidelity"]
+    drawn = torch.tensor(data["drawn"])
+    achieved = torch.tensor(data["times"]["drawn"]["achieved"])
+    assert drawn.shape == achieved.shape == (2, 4)
+    assert torch.allclose(achieved, kept_counts(drawn, 10) / 10)    # 160 tokens: 10 key blocks of 16
+    assert [r["counts"]["sparse"] for r in data["rows"]] == [0, 0, 818, 818]
+    md = (tmp_path / "out" / "equal_fidelity.md").read_text()
+    assert "| adaptive mass=0.9 bs=64 | 0.150 | PASS |" in md and "at equal fidelity: the target" in md
