@@ -4,10 +4,11 @@ density a fidelity model measured (random weights have no real sparsity to selec
 `draw_head_densities` maps a measured [layers][heads] table onto another model's shape (a
 balanced resample in depth order);
 `DrawnDensityBackend` is SparseD with one decision changed: at the selection step each (layer, head)
-keeps a fixed number of key blocks per query block, round(density * nb) (at least 1), the diagonal
-block first and the rest in order of SparseD's own block importance on this step's q/k. Everything
-else (the pool, the stored bits, the sparse kernels) is SparseD's. Without `head_density` it is
-exactly SparseD. Registered for the engine by ablations.register().
+keeps a fixed number of key blocks in every query block, round(density * nb) (at least 1), the
+diagonal block first and the rest in order of SparseD's own block importance (over all keys: the
+density is prescribed per head, so prompt and generation keys are not chosen separately) on this
+step's q/k. Everything else (the pool, the stored bits, the sparse kernels) is SparseD's. Without
+`head_density` it is exactly SparseD. Registered for the engine by ablations.register().
 """
 from __future__ import annotations
 
