@@ -97,6 +97,39 @@ def test_gqa_packing_and_plain_heads_agree(pack_gqa):
     torch.testing.assert_close(out, paged_attention_ref(*args, SCALE), atol=1e-5, rtol=1e-5)
 
 
+def test_plan_is_reused_for_the_same_metadata_and_rebuilt_when_it_changes():
+    # the layers of a step share one plan; an in-place edit of the metadata must not reuse it
+    gen = torch.Generator().manual_seed(8)
+    q, kc, vc, pt, cu, qs, kl = on_device(paged_case([(10, 20, 60), (0, 5, 33)], 2, 2, 16, 16,
+                                                     torch.float32, gen))
+    for _ in range(2):
+        out = paged_attention(q, kc, vc, pt, cu, qs, kl, SCALE, split_keys=16)
+        torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, pt, cu, qs, kl, SCALE))
+    kl[0] = 47
+    qs[1] = 20
+    out = paged_attention(q, kc, vc, pt, cu, qs, kl, SCALE, split_keys=16)
+    torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, pt, cu, qs, kl, SCALE))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU synchronisation")
+def test_no_gpu_sync_with_host_metadata():
+    gen = torch.Generator().manual_seed(9)
+    rows = [(37, 20, 90), (50, 30, 131)]
+    args = on_device(paged_case(rows, 4, 2, 16, 16, torch.float16, gen))
+    qbo, kv_num, kv_idx = random_pattern(rows, 32, 4, gen)
+    pattern = (32, qbo, kv_num.to(DEVICE), kv_idx.to(DEVICE))
+    for extra in ((), pattern):          # first calls compile, outside the checked region
+        paged_attention(*args, SCALE, *extra, split_keys=32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for extra in ((), pattern):
+            paged_attention(*args, SCALE, *extra, split_keys=32)
+            paged_attention(*args, SCALE, *extra)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_empty_kept_lists_write_zeros():
     gen = torch.Generator().manual_seed(3)
     rows = [(16, 32, 80)]

@@ -282,6 +282,26 @@ def _plan(cu, starts, lens, t, max_pages, page_size, block_size, rows_cap, heads
     return plan, len(fields), len(comb), block_m
 
 
+class _LastPlan:
+    """The last call's plan and its device copy: every layer of a step passes the same metadata
+    tensors, so the plan is built (host work, one copy) once per step, not once per layer. The
+    tensors are held, so an identical object is the same tensor; _version catches edits in place."""
+
+    def __init__(self):
+        self.tensors, self.params, self.value = (), None, None
+
+    def get(self, tensors, params, build):
+        if self.value is None or params != self.params or not all(
+                a is b and a._version == v for a, (b, v) in zip(tensors, self.tensors)):
+            self.value = None             # a failed build must not leave a stale plan behind
+            self.value = build()
+            self.tensors, self.params = tuple((x, x._version) for x in tensors), params
+        return self.value
+
+
+_PLANS = _LastPlan()
+
+
 def paged_attention(q, k_cache, v_cache, page_table, cu_q, q_start, kv_len, scale: float,
                     block_size: int | None = None, q_block_offsets=None, kv_num=None, kv_idx=None,
                     config=None, pack_gqa: bool | None = None, split_keys: int | None = None
@@ -308,22 +328,30 @@ def paged_attention(q, k_cache, v_cache, page_table, cu_q, q_start, kv_len, scal
         raise ValueError(f"pack_gqa with a group of {group} query heads exceeds {MAX_ROWS} rows")
     eb = block_size if sparse else block_n
     block_n = min(block_n, eb)
-    cu, starts, lens = (_host_ints(x, name) for x, name in
-                        ((cu_q, "cu_q"), (q_start, "q_start"), (kv_len, "kv_len")))
-    if sparse and (q_block_offsets.dim() != 1 or q_block_offsets.numel() != len(lens) + 1):
-        raise ValueError(f"q_block_offsets must be [R+1={len(lens) + 1}], got "
+    n_rows = kv_len.numel()
+    if sparse and (q_block_offsets.dim() != 1 or q_block_offsets.numel() != n_rows + 1):
+        raise ValueError(f"q_block_offsets must be [R+1={n_rows + 1}], got "
                          f"{tuple(q_block_offsets.shape)}")
-    if page_table.shape[0] != len(lens):
-        raise ValueError(f"page_table has {page_table.shape[0]} rows for {len(lens)} rows of kv_len")
+    if page_table.shape[0] != n_rows:
+        raise ValueError(f"page_table has {page_table.shape[0]} rows for {n_rows} rows of kv_len")
     head_progs = hq // hpp
-    plan, n_pairs, n_comb, block_m = _plan(
-        cu, starts, lens, t, page_table.shape[1], page_size, block_size if sparse else None,
-        MAX_ROWS, hpp_p, head_progs, eb, split_keys, _target_programs(q.device))
+
+    def build():
+        cu, starts, lens = (_host_ints(x, name) for x, name in
+                            ((cu_q, "cu_q"), (q_start, "q_start"), (kv_len, "kv_len")))
+        plan, *rest = _plan(cu, starts, lens, t, page_table.shape[1], page_size,
+                            block_size if sparse else None, MAX_ROWS, hpp_p, head_progs, eb,
+                            split_keys, _target_programs(q.device))
+        if q.is_cuda:
+            plan = plan.pin_memory().to(q.device, non_blocking=True)
+        return (plan, *rest)
+
+    params = (t, hq, hpp, page_size, page_table.shape[1], block_size if sparse else None, eb,
+              split_keys, q.device)
+    plan, n_pairs, n_comb, block_m = _PLANS.get((cu_q, q_start, kv_len), params, build)
     o = torch.empty_like(q)
     if n_pairs == 0:
         return o
-    if q.is_cuda:
-        plan = plan.pin_memory().to(q.device, non_blocking=True)
     # Split tiles' partial outputs and log2-sum-exp, per pair (only when some tile splits).
     ws_pairs = n_pairs if n_comb else 0
     op = torch.empty(ws_pairs, hq, block_m, d, device=q.device, dtype=torch.float32)
