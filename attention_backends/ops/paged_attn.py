@@ -25,8 +25,9 @@ from attention_backends.ops.block_sparse_attn import _update
 
 LOG2E = 1.4426950408889634
 
-# (BLOCK_N, num_warps, num_stages): the key tile and launch of the attention kernel. Not yet
-# swept on a GPU (benchmarks/paged_attn.py times the alternatives in SWEEP there).
+# (BLOCK_N, num_warps, num_stages): the key tile and launch of the attention kernel; num_warps
+# doubles for programs of MAX_ROWS rows (packed GQA) so the fp32 accumulator stays in registers.
+# Not yet swept on a GPU (benchmarks/paged_attn.py times the alternatives in its SWEEP).
 DEFAULT_CONFIG = (64, 4, 3)
 MAX_ROWS = 128           # query rows (heads x queries) of one program
 MIN_SPLIT_KEYS = 512     # a split shorter than this costs more in the combine than it gains
@@ -352,6 +353,8 @@ def paged_attention(q, k_cache, v_cache, page_table, cu_q, q_start, kv_len, scal
     o = torch.empty_like(q)
     if n_pairs == 0:
         return o
+    if config is None and hpp_p * block_m >= MAX_ROWS:
+        warps *= 2
     # Split tiles' partial outputs and log2-sum-exp, per pair (only when some tile splits).
     ws_pairs = n_pairs if n_comb else 0
     op = torch.empty(ws_pairs, hq, block_m, d, device=q.device, dtype=torch.float32)
