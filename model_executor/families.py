@@ -29,13 +29,18 @@ def _load(name: str, value: str) -> ModelFamily:
 
 
 def installed_families() -> dict[str, ModelFamily]:
-    return {ep.name: _load(ep.name, ep.value) for ep in entry_points(group=GROUP)}
+    families = {ep.name: _load(ep.name, ep.value) for ep in entry_points(group=GROUP)}
+    if not families:  # even the built-in ones come from the package's metadata
+        raise ValueError(f"no model families are registered under the entry-point group {GROUP!r}: "
+                         f"install sparsed-engine (pip install -e .) rather than running it from a bare "
+                         f"source tree on PYTHONPATH")
+    return families
 
 
 def get_family(name: str) -> ModelFamily:
     families = installed_families()
     if name not in families:
-        raise ValueError(f"unknown model family {name!r}; installed: {', '.join(sorted(families)) or '(none)'}")
+        raise ValueError(f"unknown model family {name!r}; installed: {', '.join(sorted(families))}")
     return families[name]
 
 

@@ -132,3 +132,10 @@ def test_bad_entry_point_is_named(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="entry point 'bad' .*bad_family:FAMILY.* is not a ModelFamily"):
         installed_families()
     sys.modules.pop("bad_family", None)
+
+
+def test_no_registered_family_says_how_to_install(monkeypatch):
+    import model_executor.families as fam
+    monkeypatch.setattr(fam, "entry_points", lambda group: [])
+    with pytest.raises(ValueError, match="no model families are registered.*pip install -e"):
+        fam.resolve_family({"architectures": ["LLaDAModelLM"]})
