@@ -4,8 +4,9 @@
 1. Choice, from frontier.json (benchmarks/frontier.py): every non-dense setting is judged at every
    length dense was measured at, as the frontier judges "within 1 pt" (stats.within_points on the
    per-sample full-match outcomes, McNemar on the same prompts): it passes only with "yes" at every
-   length. The passing setting with the lowest mean density (over those lengths) is chosen; the
-   ablations are listed but are not candidates. `--setting LABEL` overrides. When none passes the
+   length; a length where dense solves no prompt judges nothing ("vacuous") and fails. The passing
+   setting with the lowest mean density (over those lengths) is chosen; the ablations are listed but
+   are not candidates. `--setting LABEL` overrides. When none passes the
    paper setting is measured instead and labelled NOT at equal fidelity.
 2. Patterns (sparsed_engine/evaluation/drawn.py): the chosen setting's per-(layer, head) densities
    at the longest length that has them are mapped onto LLaDA-8B's 32 x 32 heads by a balanced
@@ -97,10 +98,15 @@ def judge(frontier: dict) -> list[Candidate]:
                 c.why.append(f"{n}: {len(b)} samples vs dense's {len(a)}, no paired test")
                 failed.append(n)
                 continue
+            nll = _nll_change(dense[n], cells[n])
+            if not any(a):   # nothing for a setting to lose: "within 1 pt" would hold for anything
+                c.why.append(f"{n}: vacuous (dense solves 0 of {len(a)} prompts){nll}")
+                failed.append(n)
+                continue
             drop = 100 * (sum(a) - sum(b)) / len(a)
             verdict = within_points(a, b)
             c.why.append(f"{n}: {verdict} (loses {drop:+.1f} pts, McNemar p={mcnemar_p(a, b):.2g}, "
-                         f"{len(a)} prompts)")
+                         f"{len(a)} prompts){nll}")
             if verdict != "yes":
                 failed.append(n)
         c.passed = not failed
@@ -110,6 +116,13 @@ def judge(frontier: dict) -> list[Candidate]:
             c.why.insert(0, f"ablation ({backend}): listed, not a candidate")
         out.append(c)
     return out
+
+
+def _nll_change(dense: dict, cell: dict) -> str:
+    """', NLL +x.x% vs dense' when both cells carry NLL (context for an override, not a criterion)."""
+    if not isinstance(dense.get("nll"), (int, float)) or not isinstance(cell.get("nll"), (int, float)):
+        return ""
+    return f", NLL {100 * (cell['nll'] / dense['nll'] - 1):+.1f}%"
 
 
 def choose(cands: list[Candidate], override: str | None = None) -> Candidate | None:
@@ -301,8 +314,6 @@ def main(argv: list[str] | None = None) -> dict:
     gen = 32 if args.toy else 128
     if n <= 2 * gen:
         raise ValueError(f"--length {n} must exceed {2 * gen} (the generation region and a prompt)")
-    if not args.toy and not torch.cuda.is_available():
-        raise ValueError("the timing needs a CUDA device; --toy runs the CPU smoke version")
     frontier = json.loads(Path(args.frontier).read_text())
     ablations.register()
     cands = judge(frontier)
@@ -319,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
     if timed is None:
         raise ValueError("nothing passed and frontier.json has no paper setting row "
                          f"(a label starting with {PAPER_PREFIX!r}) to time instead")
+    if not args.toy and not torch.cuda.is_available():
+        raise ValueError("the timing needs a CUDA device; --toy runs the CPU smoke version")
     paper_cfg = paper.config if paper else PAPER     # the paper setting as the frontier ran it
     print(f"Timing: {timed.label} (mean density {timed.mean_density:.3f}, config {timed.config})")
     src_len, src_table = head_table(timed)

@@ -75,6 +75,12 @@ def test_none_passing_and_the_override():
         choose(cands, "no such setting")
     with pytest.raises(ValueError, match="no dense row"):
         judge({"results": {}, "settings": {}})
+    blank = synthetic_frontier(FRONTIER[:2])         # dense solves nothing: nothing can be lost
+    for cells in blank["results"].values():
+        for cell in cells.values():
+            cell["full_match"] = [False] * PROMPTS
+    blanks = judge(blank)
+    assert choose(blanks) is None and all("vacuous (dense solves 0 of 200" in " ".join(c.why) for c in blanks)
 
 
 def test_schedule_counts_follow_each_settings_skip():
