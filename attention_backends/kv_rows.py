@@ -100,9 +100,11 @@ class PagedCall:
     span: tuple[int, int] | None        # their query tokens' range in the packed batch when contiguous
     token_idx: torch.Tensor | None      # otherwise their indices
     page_table: torch.Tensor            # int32 [R, max_pages], device
-    cu_q: torch.Tensor                  # int32 [R+1], device
-    q_start: torch.Tensor               # int32 [R], host: first computed canvas position of each row
-    kv_len: torch.Tensor                # int32 [R], host: canvas length of each row
+    # Host tensors (the kernel plans its work from them on the CPU), the same objects for every
+    # layer of the step, so the kernel builds that plan once per step:
+    cu_q: torch.Tensor                  # int32 [R+1]: the rows' fresh queries in the call's q
+    q_start: torch.Tensor               # int32 [R]: first computed canvas position of each row
+    kv_len: torch.Tensor                # int32 [R]: canvas length of each row
     kernel: str = "auto"
     block_size: int | None = None       # with a block pattern (SparseD after its selection):
     q_blocks: list[tuple[int, int]] | None = None   # each row's query blocks [b0, b1) of its pattern
@@ -120,7 +122,7 @@ class PagedCall:
         span, idx = _token_index([starts[i] for i in members], sizes, device)
         width = max(len(r.kv_pages) for r in specs)
         table = int32([list(r.kv_pages) + [0] * (width - len(r.kv_pages)) for r in specs])
-        cu_q = int32([0] + sizes).cumsum(0, dtype=torch.int32)
+        cu_q = int32([0] + sizes, to_device=False).cumsum(0, dtype=torch.int32)
         q_start = int32([r.computed[0] for r in specs], to_device=False)
         kv_len = int32([r.length for r in specs], to_device=False)
         call = cls(members, span, idx, table, cu_q, q_start, kv_len, kernel)
