@@ -9,6 +9,7 @@ Rows without pages never reach this module: exact mode keeps its own code path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -114,7 +115,10 @@ class PagedCall:
     def of(cls, rows: list[RowSpec], starts: list[int], members: list[int], device, kernel: str = "auto",
            block_size: int | None = None) -> "PagedCall":
         def int32(values, to_device=True):
-            t = torch.tensor(values, dtype=torch.int32)
+            # Normal tensors even under the runner's inference_mode: the Triton kernel keys its
+            # per-step plan on the host tensors' version counters, which inference tensors lack.
+            with torch.inference_mode(False):
+                t = torch.tensor(values, dtype=torch.int32)
             return t.to(device) if to_device else t
 
         specs = [rows[i] for i in members]
@@ -122,14 +126,14 @@ class PagedCall:
         span, idx = _token_index([starts[i] for i in members], sizes, device)
         width = max(len(r.kv_pages) for r in specs)
         table = int32([list(r.kv_pages) + [0] * (width - len(r.kv_pages)) for r in specs])
-        cu_q = int32([0] + sizes, to_device=False).cumsum(0, dtype=torch.int32)
+        cu_q = int32([0, *accumulate(sizes)], to_device=False)
         q_start = int32([r.computed[0] for r in specs], to_device=False)
         kv_len = int32([r.length for r in specs], to_device=False)
         call = cls(members, span, idx, table, cu_q, q_start, kv_len, kernel)
         if block_size is not None:
             call.block_size = block_size
             call.q_blocks = [(r.computed[0] // block_size, (r.computed[1] - 1) // block_size + 1) for r in specs]
-            call.q_block_offsets = int32([0] + [b1 - b0 for b0, b1 in call.q_blocks]).cumsum(0, dtype=torch.int32)
+            call.q_block_offsets = int32([0, *accumulate(b1 - b0 for b0, b1 in call.q_blocks)])
         return call
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
