@@ -115,10 +115,7 @@ class PagedCall:
     def of(cls, rows: list[RowSpec], starts: list[int], members: list[int], device, kernel: str = "auto",
            block_size: int | None = None) -> "PagedCall":
         def int32(values, to_device=True):
-            # Normal tensors even under the runner's inference_mode: the Triton kernel keys its
-            # per-step plan on the host tensors' version counters, which inference tensors lack.
-            with torch.inference_mode(False):
-                t = torch.tensor(values, dtype=torch.int32)
+            t = torch.tensor(values, dtype=torch.int32)
             return t.to(device) if to_device else t
 
         specs = [rows[i] for i in members]

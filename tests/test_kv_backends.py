@@ -288,18 +288,3 @@ def test_sequence_parallel_cached_steps_equal_one_rank(tmp_path, tiny_llada_dir,
         assert torch.load(tmp_path / f"{i}-1.pt") == [None] * len(want)
         for g, w in zip(got, want):
             close(g, w)
-
-
-def test_paged_call_host_metadata_are_normal_tensors(tiny_llada_dir):
-    """Built under the runner's inference_mode, yet with version counters: the Triton kernel keys
-    its once-per-step plan on them (inference tensors have none)."""
-    rig = Rig(_worker(tiny_llada_dir, "sparsed"), "sparsed")
-    rig.run(rig.row(0, canvas(0), SELECT, "refresh"))
-    with torch.inference_mode():
-        meta = rig.w.backend.build_metadata([rig.row(0, canvas(0), SPARSE, "cached").spec,
-                                             rig.row(2, canvas(2), DENSE, "cached").spec])
-    assert len(meta.paged_calls) == 2
-    for call in meta.paged_calls:
-        for t in (call.cu_q, call.q_start, call.kv_len):
-            assert t.device.type == "cpu" and not t.is_inference()
-            assert t._version == 0

@@ -231,3 +231,19 @@ def test_reference_sparse_is_the_block_sparse_rows_of_the_fresh_queries():
                                 torch.tensor([0, blocks.stop - blocks.start], dtype=torch.int32),
                                 kv_num[:, blocks].contiguous(), kv_idx[:, blocks].contiguous())
     torch.testing.assert_close(fresh, full[s:s + nq], atol=1e-5, rtol=1e-5)
+
+
+def test_plan_accepts_inference_tensors_and_keys_on_values():
+    # the engine builds the host metadata under inference_mode (no version counter to key on);
+    # a new tensor with other values, or an in-place edit there, must rebuild the plan
+    gen = torch.Generator().manual_seed(10)
+    q, kc, vc, pt, cu, qs, kl = on_device(paged_case([(10, 20, 60), (3, 5, 33)], 2, 2, 16, 16,
+                                                     torch.float32, gen))
+    with torch.inference_mode():
+        cu, qs, kl = cu.clone(), qs.clone(), kl.clone()
+        for _ in range(2):
+            out = paged_attention(q, kc, vc, pt, cu, qs, kl, SCALE, split_keys=16)
+            torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, pt, cu, qs, kl, SCALE))
+        kl[0] = 47
+        out = paged_attention(q, kc, vc, pt, cu, qs, kl, SCALE, split_keys=16)
+        torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, pt, cu, qs, kl, SCALE))

@@ -284,19 +284,21 @@ def _plan(cu, starts, lens, t, max_pages, page_size, block_size, rows_cap, heads
 
 
 class _LastPlan:
-    """The last call's plan and its device copy: every layer of a step passes the same metadata
-    tensors, so the plan is built (host work, one copy) once per step, not once per layer. The
-    tensors are held, so an identical object is the same tensor; _version catches edits in place."""
+    """The last call's plan and its device copy: every layer of a step passes the same metadata,
+    so the plan is built (host work, one copy) once per step, not once per layer. It is keyed on
+    a copy of the metadata's values (a few ints per row), so an edit in place or a new tensor with
+    other values rebuilds it, inference tensors (which keep no version counter) included."""
 
     def __init__(self):
         self.tensors, self.params, self.value = (), None, None
 
     def get(self, tensors, params, build):
-        if self.value is None or params != self.params or not all(
-                a is b and a._version == v for a, (b, v) in zip(tensors, self.tensors)):
+        if self.value is None or params != self.params or len(tensors) != len(self.tensors) or not all(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for a, b in zip(tensors, self.tensors)):
             self.value = None             # a failed build must not leave a stale plan behind
             self.value = build()
-            self.tensors, self.params = tuple((x, x._version) for x in tensors), params
+            self.tensors, self.params = tuple(x.clone() for x in tensors), params
         return self.value
 
 
