@@ -1,14 +1,19 @@
 """SparseD: dense attention for the first steps, then per-head block-sparse attention over tiles
-chosen once per request (at the last dense step) and read from the pattern pool ever after."""
+chosen once per request (at the last dense step) and read from the pattern pool ever after.
+
+Throughput mode (attention_backends/kv_rows.py): refresh rows run their phase as in exact mode and
+store their keys/values; cached rows store their fresh ones and attend from the KV pool, densely
+before the selection, afterwards over the kept tiles of their own query blocks only."""
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from attention_backends.base import DENSE, SELECT, SPARSE, AttentionBackend, AttentionLayout, PoolSpec, RowSpec
+from attention_backends.kv_rows import KVWrites, PagedCall, check_kv_rows, packed_starts
 from attention_backends.sdpa import dense_attention, dense_attention_lse
 from attention_backends.sparsed_pattern import (generation_block, pack_bits, select_tiles,
                                              select_tiles_by_mass, unpack_bits)
@@ -80,10 +85,11 @@ class SparseDConfig:
 
 @dataclass
 class _Row:
-    start: int
-    length: int
+    start: int                  # offset in the packed batch
+    length: int                 # canvas length
     phase: str
     config: SparseDConfig | None
+    computed: tuple[int, int] | None = None   # a cached step's canvas span (RowSpec.computed)
     nb: int = 0
     gen_block: int = 0
     blocks: torch.Tensor | None = None  # [num_layers, blocks_per_layer] pool ids on the device
@@ -105,12 +111,17 @@ class _SparseGroup:
 @dataclass
 class SparseDMetadata:
     rows: list[_Row]
-    sparse_groups: list[_SparseGroup]
+    sparse_groups: list[_SparseGroup]   # SPARSE rows that run whole
+    # Throughput mode: the keys/values this step stores, and the cached rows' pool reads (dense
+    # ones together; SPARSE ones by block size and kernel, with their patterns' query blocks).
+    kv_writes: KVWrites | None = None
+    paged_calls: list[PagedCall] = field(default_factory=list)
 
 
 class SparseDBackend(AttentionBackend):
     name = "sparsed"
     keeps_patterns = True
+    supports_kv_cache = True
 
     # ---------------------------------------------------------------- planning
     @classmethod
@@ -174,21 +185,44 @@ class SparseDBackend(AttentionBackend):
 
     # ---------------------------------------------------------------- per step
     def build_metadata(self, rows: list[RowSpec]) -> SparseDMetadata:
+        uses_kv = check_kv_rows(self, rows)
         out, groups, start = [], {}, 0
         for i, spec in enumerate(rows):
-            row = _Row(start, spec.length, spec.phase, spec.config)
+            if spec.computed is not None and spec.phase == SELECT:
+                raise ValueError(f"row {i}: phase {SELECT!r} on a cached step (computed={spec.computed}): "
+                                 f"the pattern is selected only on a refresh step, over the whole canvas")
+            row = _Row(start, spec.length, spec.phase, spec.config, spec.computed)
             if spec.phase != DENSE:
                 bs = spec.config.block_size
                 row.nb = -(-spec.length // bs)
                 row.gen_block = generation_block(spec.prompt_len, spec.length, bs)
                 row.blocks = torch.tensor(spec.pattern_blocks, dtype=torch.long).view(
                     self.layout.num_layers, -1).to(self.device)
-                if spec.phase == SPARSE:
+                if spec.phase == SPARSE and spec.computed is None:
                     groups.setdefault((bs, spec.config.kernel), []).append(i)
             out.append(row)
-            start += spec.length
-        return SparseDMetadata(out, [self._group([out[i] for i in members], *key)
+            start += spec.num_tokens
+        meta = SparseDMetadata(out, [self._group([out[i] for i in members], *key)
                                      for key, members in groups.items()])
+        if uses_kv:
+            self._plan_cache(rows, meta)
+        return meta
+
+    def _plan_cache(self, rows: list[RowSpec], meta: SparseDMetadata) -> None:
+        starts = packed_starts(rows)
+        meta.kv_writes = KVWrites.of(rows, starts, self.kv_page_size, self.device)
+        dense, sparse = [], {}
+        for i, spec in enumerate(rows):
+            if spec.computed is None:
+                continue
+            if spec.phase == DENSE:
+                dense.append(i)
+            else:
+                sparse.setdefault((spec.config.block_size, spec.config.kernel), []).append(i)
+        if dense:
+            meta.paged_calls.append(PagedCall.of(rows, starts, dense, self.device))
+        for (bs, kernel), members in sparse.items():
+            meta.paged_calls.append(PagedCall.of(rows, starts, members, self.device, kernel, bs))
 
     def _group(self, rows: list[_Row], bs: int, kernel: str) -> _SparseGroup:
         def offsets(sizes):
@@ -202,9 +236,11 @@ class SparseDBackend(AttentionBackend):
                             span, token_idx)
 
     def forward(self, q, k, v, metadata: SparseDMetadata, layer: int) -> torch.Tensor:
+        if metadata.kv_writes is not None:  # before any read: cached rows see their fresh keys
+            metadata.kv_writes(self.k_cache[layer], self.v_cache[layer], k, v)
         out = torch.empty_like(q)
         for row in metadata.rows:
-            if row.phase == SPARSE:
+            if row.phase == SPARSE or row.computed is not None:
                 continue
             s, e = row.start, row.start + row.length
             if row.phase == DENSE:
@@ -220,6 +256,8 @@ class SparseDBackend(AttentionBackend):
             self._store(row, layer, self._choose(q[s:e], k[s:e], row, lse))
         for group in metadata.sparse_groups:
             self._sparse(q, k, v, group, layer, out)
+        for call in metadata.paged_calls:
+            self._paged(q, call, metadata.rows, layer, out)
         return out
 
     def selection_scale(self, cfg: SparseDConfig) -> str:
@@ -248,3 +286,16 @@ class SparseDBackend(AttentionBackend):
             i = g.token_idx
             out[i] = sparse_ops.block_sparse(q[i], k[i], v[i], g.cu_seqlens, g.q_block_offsets,
                                              kv_num, kv_idx, g.block_size, self.layout.scale, g.kernel)
+
+    def _paged(self, q, call: PagedCall, rows: list[_Row], layer: int, out: torch.Tensor) -> None:
+        """Cached rows from the KV pool: every key, or (SPARSE) the stored pattern's rows of just
+        the query blocks their fresh tokens fall in."""
+        kv_num = kv_idx = None
+        if call.block_size is not None:
+            members = [rows[i] for i in call.rows]
+            width = max(r.nb for r in members)
+            lists = [sparse_ops.pattern_lists(self.load_bits(r, layer)[:, b0:b1], r.nb, width, call.kernel)
+                     for r, (b0, b1) in zip(members, call.q_blocks)]
+            kv_num = torch.cat([n for n, _ in lists], dim=1)
+            kv_idx = torch.cat([i for _, i in lists], dim=1)
+        call(q, self.k_cache[layer], self.v_cache[layer], self.layout.scale, out, kv_num, kv_idx)
