@@ -415,7 +415,10 @@ def test_serving_benchmark_request_fields():
     with a schedule that has a selection and a sparse step."""
     import argparse
 
-    from benchmarks.serve import SPARSE, request_body, warmup_steps
+    from benchmarks.serve import SPARSE, request_body, schedule_ratio, warmup_steps
+
+    # 16 steps, skip 0.2: 4 dense, the selection step, 11 sparse
+    assert schedule_ratio(16, 2.0, 3.0, 1.0) == pytest.approx(32 / (4 * 2 + 3 + 11))
 
     base = dict(max_tokens=32, steps=16, block_length=32, kv_cache=None, threshold=None)
     body = request_body([1, 2], 0, argparse.Namespace(**base))
