@@ -8,10 +8,17 @@ requests through offline `LLM.generate` in this process and reports the server's
 of it. Prints a table; writes serve.json (per-request records and the summary), serve.md and serve.png
 (when matplotlib is installed) to --out.
 
+It also reads the server's /metrics around the measured run: the engine steps it ran and the seconds
+spent inside them ("engine s"), so a shortfall against offline shows whether it came from more steps,
+slower steps, or time between steps. With both backends it prints the p50-latency ratio dense/SparseD
+beside the engine-time ratio of the same run (what offline generation would gain) and --e2e-ratio.
+
     # LLaDA-8B shape, random bf16 weights, one GPU (see benchmarks/RESULTS.md); the server needs the
     # [serve] extra (benchmarks/serve_wheels.sh builds its wheels for an offline machine):
     python -m benchmarks.serve --llada8b --prompt-len 512 --num-requests 16 --out $OUT/short
-    python -m benchmarks.serve --llada8b --prompt-len 16384 --num-requests 2 --no-offline --out $OUT/long
+    # long prompts, dense vs SparseD p50 latency against the engine's own step-time ratio (~4 min on an H200)
+    python -m benchmarks.serve --llada8b --prompt-len 32768 --num-requests 2 --max-tokens 32 --steps 16 \
+        --no-offline --e2e-step-times 1.709 4.045 1.142 --out $OUT/long
     # CPU, bundled tiny model: checks it runs
     python -m benchmarks.serve --prompt-len 64 --max-tokens 32 --steps 8 --num-requests 8 --out /tmp/serve
 """
@@ -121,22 +128,49 @@ async def run_client(url: str, prompts: list[list[int]], args) -> tuple[list[dic
         failed = [w["error"] for w in warm if not w["ok"]]
         if failed:
             raise RuntimeError(f"a warm-up request failed: {failed[0]}")
+        before = await engine_counters(http)
         t0 = time.perf_counter()
         records = await asyncio.gather(*(one_request(http, request_body(p, i, args), d)
                                          for i, (p, d) in enumerate(zip(prompts, delays))))
-        return records, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        after = await engine_counters(http)
+        return records, seconds, {k: after[k] - before[k] for k in after}
+
+
+async def engine_counters(http: httpx.AsyncClient) -> dict:
+    """The server's engine steps and seconds inside them so far (from /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await http.get("/metrics")).text
+    found = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {"steps": found.get("sparsed:denoising_steps_total", 0.0),
+            "engine_seconds": found.get("sparsed:engine_step_seconds_total", 0.0)}
 
 
 def warmup_steps(args) -> int:
-    """The fewest steps the schedule allows (one a block): compiles and tunes every kernel of the
-    measured batch's shapes (SparseD selects at step 1 then) without costing a whole run."""
-    return args.max_tokens // args.block_length
+    """The fewest steps (a multiple of the blocks) whose schedule has a dense, a selection and a
+    sparse step: compiles every kernel of the measured batch's shapes without a whole run."""
+    blocks = args.max_tokens // args.block_length
+    steps = blocks
+    while int(steps * SPARSE["skip"]) + 1 >= steps - 1:   # SparseD selects at int(steps * skip) + 1
+        steps += blocks
+    return steps
+
+
+def extra_fields(args) -> dict:
+    """The optional sampling fields the flags ask for (sent only when given)."""
+    extra = {}
+    if args.kv_cache is not None:
+        extra["kv_cache"] = args.kv_cache
+    if args.threshold is not None:
+        extra.update(unmasking="confidence_threshold", threshold=args.threshold)
+    return extra
 
 
 def request_body(prompt: list[int], i: int, args) -> dict:
     return {"model": "bench", "prompt": prompt, "max_tokens": args.max_tokens, "steps": args.steps,
             "block_length": args.block_length, "seed": i, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **extra_fields(args)}
 
 
 # ---------------------------------------------------------------- offline reference
@@ -148,12 +182,22 @@ def run_offline(model: str, backend: str, prompts: list[list[int]], args) -> dic
     llm = LLM(model=model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.prompt_len + args.max_tokens, attention_backend=backend,
               attention_config=BACKEND_CONFIG[backend])
-    params = [SamplingParams(max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length, seed=i)
-              for i in range(len(prompts))]
+    extra = extra_fields(args)
+    params = [SamplingParams(max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length, seed=i,
+                             **extra) for i in range(len(prompts))]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, steps=warmup_steps(args),
-                                         block_length=args.block_length), use_tqdm=False)
+                                         block_length=args.block_length, **extra), use_tqdm=False)
     sync()
+    engine, steps = llm.llm_engine, 0
+    step = engine.step
+
+    def counted_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counted_step   # the steps offline generation needs, beside the server's
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     sync()
@@ -162,8 +206,8 @@ def run_offline(model: str, backend: str, prompts: list[list[int]], args) -> dic
     if torch.cuda.is_available():
         torch.cuda.empty_cache()   # the next backend's server gets the memory back
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"seconds": seconds, "requests_per_s": len(prompts) / seconds, "output_tokens_per_s": tokens / seconds,
-            "texts": [o.outputs[0].text for o in outs]}
+    return {"seconds": seconds, "steps": steps, "requests_per_s": len(prompts) / seconds,
+            "output_tokens_per_s": tokens / seconds, "texts": [o.outputs[0].text for o in outs]}
 
 
 # ---------------------------------------------------------------- summary
@@ -172,14 +216,17 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))] if v else float("nan")
 
 
-def summarize(backend: str, records: list[dict], seconds: float, offline: dict | None) -> dict:
+def summarize(backend: str, records: list[dict], seconds: float, engine: dict, offline: dict | None) -> dict:
     ok = [r for r in records if r["ok"]]
     tokens = sum(r["output_tokens"] for r in ok)
     row = {"backend": backend, "requests": len(records), "failed": len(records) - len(ok), "seconds": seconds,
            "requests_per_s": len(ok) / seconds, "output_tokens_per_s": tokens / seconds,
            "ttft_p50": pct([r["ttft"] for r in ok], 50), "ttft_p99": pct([r["ttft"] for r in ok], 99),
-           "e2e_p50": pct([r["e2e"] for r in ok], 50), "e2e_p99": pct([r["e2e"] for r in ok], 99)}
+           "e2e_p50": pct([r["e2e"] for r in ok], 50), "e2e_p99": pct([r["e2e"] for r in ok], 99),
+           "server_steps": int(engine["steps"]), "engine_seconds": engine["engine_seconds"]}
     if offline is not None:
+        row["offline_steps"] = offline["steps"]
+        row["offline_seconds"] = offline["seconds"]
         row["offline_output_tokens_per_s"] = offline["output_tokens_per_s"]
         row["server_vs_offline"] = row["output_tokens_per_s"] / offline["output_tokens_per_s"]
         row["same_text_as_offline"] = sum(r["ok"] and r["text"] == t for r, t in zip(records, offline["texts"]))
@@ -190,6 +237,8 @@ COLUMNS = [("backend", "backend", "{}"), ("requests", "requests", "{}"), ("faile
            ("requests_per_s", "req/s", "{:.3f}"), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
            ("ttft_p50", "TTFT p50 (s)", "{:.2f}"), ("ttft_p99", "TTFT p99 (s)", "{:.2f}"),
            ("e2e_p50", "e2e p50 (s)", "{:.2f}"), ("e2e_p99", "e2e p99 (s)", "{:.2f}"),
+           ("server_steps", "server steps", "{}"), ("engine_seconds", "engine s", "{:.2f}"),
+           ("offline_steps", "offline steps", "{}"), ("offline_seconds", "offline s", "{:.2f}"),
            ("offline_output_tokens_per_s", "offline out tok/s", "{:.1f}"),
            ("server_vs_offline", "server/offline", "{:.1%}"), ("same_text_as_offline", "same text", "{}")]
 
@@ -199,6 +248,36 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def schedule_ratio(steps: int, dense: float, select: float, sparse: float) -> float:
+    """Dense time / SparseD time of one `steps`-step generation from per-step times: SparseD's
+    steps before int(steps * skip) + 1 are dense, that one selects, the rest are sparse."""
+    at = min(int(steps * SPARSE["skip"]) + 1, steps)
+    sparsed = at * dense + (select if at < steps else 0.0) + max(steps - at - 1, 0) * sparse
+    return steps * dense / sparsed
+
+
+def latency_comparison(rows: list[dict], e2e_ratio: float | None, e2e_source: str = "--e2e-ratio") -> str | None:
+    """Dense vs SparseD: the p50-latency ratio beside the engine-time ratio of the same run (what
+    the e2e benchmark measures: generation without serving) and, when given, --e2e-ratio."""
+    by = {r["backend"]: r for r in rows}
+    if not {"dense", "sparsed"} <= by.keys():
+        return None
+    d, s = by["dense"], by["sparsed"]
+    serve = d["e2e_p50"] / s["e2e_p50"]
+    engine = d["engine_seconds"] / s["engine_seconds"] if s["engine_seconds"] > 0 else float("nan")
+    lines = ["| measure | dense | SparseD | dense / SparseD |", "|---|---|---|---|",
+             f"| e2e latency p50 (s), served | {d['e2e_p50']:.2f} | {s['e2e_p50']:.2f} | {serve:.3f}x |",
+             f"| engine seconds in steps, same run | {d['engine_seconds']:.2f} | {s['engine_seconds']:.2f} | "
+             f"{engine:.3f}x |"]
+    if e2e_ratio is not None:
+        lines.append(f"| e2e benchmark ({e2e_source}) | - | - | {e2e_ratio:.3f}x |")
+    target, source = (e2e_ratio, e2e_source) if e2e_ratio is not None else (engine, "this run's engine time")
+    verdict = "met" if serve >= target else "MISSED"
+    lines += ["", f"Target, SparseD's p50 latency below dense's by at least the e2e ratio ({source}): "
+                  f"{serve:.3f}x vs {target:.3f}x, {verdict}."]
     return "\n".join(lines)
 
 
@@ -243,6 +322,16 @@ def main():
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--kv-cache", choices=["none", "prefix", "dual"], default=None,
+                    help="send the request field kv_cache (default: not sent, the server's default)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="send unmasking=confidence_threshold with this threshold (parallel decoding)")
+    ap.add_argument("--e2e-ratio", type=float, default=None,
+                    help="the e2e benchmark's dense/SparseD time ratio at this length (benchmarks/RESULTS.md), "
+                         "printed beside the served p50-latency ratio")
+    ap.add_argument("--e2e-step-times", type=float, nargs=3, metavar=("DENSE", "SELECT", "SPARSE"), default=None,
+                    help="the e2e benchmark's step seconds at this length (benchmarks/RESULTS.md): the e2e ratio "
+                         "is computed for this run's schedule (--steps, SparseD's skip) instead of --e2e-ratio")
     ap.add_argument("--no-offline", action="store_true", help="skip the offline LLM.generate comparison")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--server-timeout", type=float, default=600.0, help="seconds the server may take to start")
@@ -256,6 +345,16 @@ def main():
         ap.error("--max-tokens must be a multiple of --block-length, and --steps of the number of blocks")
     if not args.request_rate > 0:
         ap.error(f"--request-rate={args.request_rate}: must be > 0 (inf: all at once)")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        ap.error(f"--threshold={args.threshold}: must be in (0, 1]")
+    if args.e2e_ratio is not None and not args.e2e_ratio > 0:
+        ap.error(f"--e2e-ratio={args.e2e_ratio}: must be > 0")
+    if args.e2e_step_times is not None:
+        if args.e2e_ratio is not None:
+            ap.error("give --e2e-ratio or --e2e-step-times, not both")
+        if not all(t > 0 for t in args.e2e_step_times):
+            ap.error(f"--e2e-step-times={args.e2e_step_times}: every time must be > 0")
+        args.e2e_ratio = schedule_ratio(args.steps, *args.e2e_step_times)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -277,12 +376,12 @@ def main():
         server = None if args.url else Server(args, model, backend)
         try:
             url = args.url or server.url
-            records, seconds = asyncio.run(run_client(url, prompts, args))
+            records, seconds, engine = asyncio.run(run_client(url, prompts, args))
         finally:
             if server is not None:
                 server.stop()
         offline = None if (args.no_offline or args.url) else run_offline(model, backend, prompts, args)
-        rows.append(summarize(backend, records, seconds, offline))
+        rows.append(summarize(backend, records, seconds, engine, offline))
         results[backend] = {"summary": rows[-1], "records": [{k: v for k, v in r.items() if k != "text"}
                                                              for r in records]}
         print(table(rows[-1:]), flush=True)
@@ -295,8 +394,14 @@ def main():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     head = (f"### serve, {'LLaDA-8B shape, random weights' if args.llada8b else Path(model).name}, {gpu}, "
             f"{time.strftime('%Y-%m-%d')}: {args.num_requests} requests at rate {args.request_rate}/s, "
-            f"prompt {args.prompt_len}, {args.max_tokens} tokens, {args.steps} steps, block {args.block_length}")
+            f"prompt {args.prompt_len}, {args.max_tokens} tokens, {args.steps} steps, block {args.block_length}"
+            + "".join(f", {k} {v}" for k, v in extra_fields(args).items()))
     md = f"{head}\n\n{table(rows)}\n"
+    source = ("--e2e-ratio" if args.e2e_step_times is None else
+              "step times {} / {} / {} s over this schedule".format(*args.e2e_step_times))
+    comparison = latency_comparison(rows, args.e2e_ratio, source)
+    if comparison is not None:
+        md += f"\n{comparison}\n"
     print("\n" + md)
     (out / "serve.md").write_text(md)
     (out / "serve.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "gpu": gpu,

@@ -348,6 +348,101 @@ def test_async_llm_streams_prefixes_and_aborts(engine, offline):
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
 
 
+def test_burst_is_admitted_in_one_step():
+    """Requests sent together start in the same step, even when one of them is still being
+    validated as the loop takes in the others: the engine runs `steps` steps for all of them, not
+    one more for those that would have started without it. Deterministic: the idle loop waits
+    while a request is being validated (the window is long so that a slow machine cannot cut it)."""
+    llm = AsyncLLM.from_engine_args(admission_window_s=60.0, **SPARSE_KW)
+    late, queued = threading.Event(), []
+    make = llm.engine.make_sequence
+
+    def make_sequence(prompt, params, rid):
+        if prompt == "late":
+            late.wait(60)
+        return make(prompt, params, rid)
+
+    llm.engine.make_sequence = make_sequence
+
+    async def run():
+        async def one(i):
+            prompt = "late" if i == 5 else f"Burst {i} of six"
+            seq = await llm.add_request(prompt, SamplingParams(**SHORT, seed=i))
+            queued.append(i)
+            return [o async for o in llm.stream(seq)][-1]
+
+        async def release():   # once the loop has taken in the other five
+            await asyncio.to_thread(wait_for, lambda: len(queued) == 5 and llm._commands.empty(), "five requests")
+            late.set()
+
+        outs, _ = await asyncio.gather(asyncio.gather(*(one(i) for i in range(6))), release())
+        return outs
+
+    try:
+        outs = asyncio.run(run())
+        assert all(o.finished and o.outputs[0].finish_reason for o in outs)
+        assert llm.num_steps == SHORT["steps"]
+        assert llm.step_seconds > 0
+    finally:
+        llm.shutdown()
+
+
+def test_slow_reader_skips_stale_prefixes(engine, offline):
+    """A reader that falls behind gets the newest state, not every prefix it missed."""
+    params = SamplingParams(**SHORT, seed=13)
+    want = offline.generate("Slow reader", params, use_tqdm=False)[0].outputs[0]
+
+    async def run():
+        seq = await engine.add_request("Slow reader", params)
+        outs = engine.stream(seq)
+        first = await outs.__anext__()
+        await asyncio.to_thread(wait_for, lambda: engine.stats["num_running"] == 0, "the request to finish")
+        await engine.run_in_loop(lambda e: None)   # after the last step's outputs were handed over
+        return first, [o async for o in outs]
+
+    first, rest = asyncio.run(run())
+    assert not first.finished
+    assert len(rest) == 1 and rest[0].finished and rest[0].outputs[0].text == want.text
+
+
+def test_failed_prompt_of_a_list_leaves_nothing_arriving(url, engine):
+    """A prompt list whose second prompt is bad: 400, and the validated first one is not left
+    counted as on its way (an idle engine would wait for it)."""
+    r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": [[5, 6, 7], [999999]], "max_tokens": 8},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert not engine._arriving()
+
+
+def test_engine_step_seconds_metric(url, client):
+    before = _scrape(url)
+    client.completions.create(model=MODEL, prompt="Time me", max_tokens=16, extra_body={"steps": 8})
+    after = _scrape(url)
+    key = ("sparsed:engine_step_seconds_total", ())
+    assert after[key] > before.get(key, 0)
+
+
+def test_serving_benchmark_request_fields():
+    """benchmarks/serve.py sends kv_cache and the threshold policy only when asked, and warms up
+    with a schedule that has a selection and a sparse step."""
+    import argparse
+
+    from benchmarks.serve import SPARSE, request_body, schedule_ratio, warmup_steps
+
+    # 16 steps, skip 0.2: 4 dense, the selection step, 11 sparse
+    assert schedule_ratio(16, 2.0, 3.0, 1.0) == pytest.approx(32 / (4 * 2 + 3 + 11))
+
+    base = dict(max_tokens=32, steps=16, block_length=32, kv_cache=None, threshold=None)
+    body = request_body([1, 2], 0, argparse.Namespace(**base))
+    assert "kv_cache" not in body and "unmasking" not in body and "threshold" not in body
+    body = request_body([1, 2], 0, argparse.Namespace(**{**base, "kv_cache": "dual", "threshold": 0.9}))
+    assert body["kv_cache"] == "dual" and body["unmasking"] == "confidence_threshold" and body["threshold"] == 0.9
+    for max_tokens in (32, 128):
+        args = argparse.Namespace(**{**base, "max_tokens": max_tokens})
+        steps = warmup_steps(args)
+        assert steps % (max_tokens // 32) == 0 and int(steps * SPARSE["skip"]) + 1 < steps - 1
+
+
 # ---------------------------------------------------------------- admission and failures
 def test_max_waiting_is_503(tiny_llada_dir):
     llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), max_num_seqs=1, max_model_len=4096, max_waiting=1)

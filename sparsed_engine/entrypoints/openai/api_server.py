@@ -38,6 +38,25 @@ class APIKeyMiddleware:
         return await self.app(scope, receive, send)
 
 
+class ArrivalMiddleware:
+    """Announces each generation request to the AsyncLLM as soon as it begins, before its body is
+    read and validated, so that an idle engine admits a burst of requests in one step."""
+    PATHS = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, llm: AsyncLLM):
+        self.app, self.llm = app, llm
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.PATHS:
+            return await self.app(scope, receive, send)
+        key = self.llm.expect_request()
+        scope.setdefault("state", {})["arrival"] = key
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.llm.request_arrived(key)
+
+
 def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None) -> FastAPI:
     if not model_names:
         raise ValueError("model_names is empty: the server must serve at least one name")
@@ -47,7 +66,8 @@ def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None)
     chat = OpenAIServingChat(llm, model_names, metrics)
     app.state.llm, app.state.metrics = llm, metrics
 
-    if api_key is not None:
+    app.add_middleware(ArrivalMiddleware, llm=llm)
+    if api_key is not None:   # added last, so it runs first: a refused request is never announced
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
@@ -88,6 +108,9 @@ def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None)
     async def models():
         return ModelList(data=[ModelCard(id=name) for name in model_names])
 
+    def arrival(raw_request: Request) -> tuple | None:
+        return getattr(raw_request.state, "arrival", None)
+
     def respond(result):
         if hasattr(result, "__aiter__"):
             return StreamingResponse(result, media_type="text/event-stream")
@@ -95,10 +118,10 @@ def build_app(llm: AsyncLLM, model_names: list[str], api_key: str | None = None)
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request):
-        return respond(await until_disconnected(completions.create(request), raw_request))
+        return respond(await until_disconnected(completions.create(request, arrival(raw_request)), raw_request))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
-        return respond(await until_disconnected(chat.create(request), raw_request))
+        return respond(await until_disconnected(chat.create(request, arrival(raw_request)), raw_request))
 
     return app

@@ -41,6 +41,11 @@ class _EngineCollector:
                                 labels=["model_name"])
         c.add_metric([self.model_name], self.llm.num_steps)
         yield c
+        c = CounterMetricFamily("sparsed:engine_step_seconds",
+                                "Seconds the engine spent inside its steps (the rest of the loop is serving).",
+                                labels=["model_name"])
+        c.add_metric([self.model_name], self.llm.step_seconds)
+        yield c
 
 
 class ServerMetrics:

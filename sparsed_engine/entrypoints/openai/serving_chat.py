@@ -12,7 +12,7 @@ from sparsed_engine.entrypoints.openai.serving_engine import APIError, OpenAISer
 
 
 class OpenAIServingChat(OpenAIServing):
-    async def create(self, request: ChatCompletionRequest):
+    async def create(self, request: ChatCompletionRequest, arrival: tuple | None = None):
         """A ChatCompletionResponse, or an async iterator of SSE lines when request.stream."""
         self.check_model(request.model)
         try:
@@ -20,7 +20,7 @@ class OpenAIServingChat(OpenAIServing):
         except (ValueError, TypeError, UnsupportedFieldError) as e:
             raise bad_request(e, "messages") from e
         rid = random_id("chatcmpl")
-        seqs = await self.start(request, [prompt], rid, "messages")
+        seqs = await self.start(request, [prompt], rid, "messages", arrival)
         model = request.model or self.model_names[0]
         if request.stream:
             return self._stream(request, seqs, rid, model)

@@ -9,10 +9,10 @@ from sparsed_engine.entrypoints.openai.serving_engine import APIError, OpenAISer
 
 
 class OpenAIServingCompletion(OpenAIServing):
-    async def create(self, request: CompletionRequest):
+    async def create(self, request: CompletionRequest, arrival: tuple | None = None):
         """A CompletionResponse, or an async iterator of SSE lines when request.stream."""
         rid = random_id("cmpl")
-        seqs = await self.start(request, request.prompts(), rid, "prompt")
+        seqs = await self.start(request, request.prompts(), rid, "prompt", arrival)
         model = request.model or self.model_names[0]
         if request.stream:
             return self._stream(request, seqs, rid, model)

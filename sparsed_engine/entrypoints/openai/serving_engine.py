@@ -111,19 +111,30 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
                                 f"{', '.join(self.model_names)}", "NotFoundError", "model", "model_not_found")
 
-    async def start(self, request, prompts: list, request_id: str, prompt_param: str) -> list:
-        """Validate every prompt (400 naming the field) before queuing any; returns the sequences."""
+    async def start(self, request, prompts: list, request_id: str, prompt_param: str,
+                    arrival: tuple | None = None) -> list:
+        """Validate every prompt (400 naming the field) before queuing any; returns the sequences.
+        `arrival`: the key ArrivalMiddleware announced the request under, ended once validated."""
         self.check_model(request.model)
+        seqs = []
         try:
             request.check_supported()
             params: SamplingParams = request.sampling_params()
-            seqs = [await self.llm.add_request(p, params, f"{request_id}-{i}") for i, p in enumerate(prompts)]
-        except (ValueError, TypeError) as e:
-            err = bad_request(e, prompt_param)
-            err.param = request.api_name(err.param)
-            raise err from e
-        except (QueueFullError, EngineDeadError) as e:
-            raise engine_error(e) from e
+            for i, p in enumerate(prompts):
+                seqs.append(await self.llm.add_request(p, params, f"{request_id}-{i}"))
+        except BaseException as e:
+            for seq in seqs:   # validated, but none of this request's prompts runs
+                self.llm.discard(seq)
+            if isinstance(e, (ValueError, TypeError)):
+                err = bad_request(e, prompt_param)
+                err.param = request.api_name(err.param)
+                raise err from e
+            if isinstance(e, (QueueFullError, EngineDeadError)):
+                raise engine_error(e) from e
+            raise
+        finally:
+            if arrival is not None:
+                self.llm.request_arrived(arrival)   # the sequences (if any) now stand for it
         return seqs
 
     async def outputs(self, seqs: list) -> AsyncIterator[tuple[Choice, RequestOutput]]:
