@@ -41,15 +41,19 @@ class _Interrupter:
         timer = threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT))
         self.armed = True
         timer.start()
+        interrupted = False
         try:
-            fn()
-            return False
+            try:
+                fn()
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                self.armed = False
+                timer.cancel()
+                timer.join()
         except KeyboardInterrupt:
-            return True
-        finally:
-            self.armed = False
-            timer.cancel()
-            timer.join()
+            pass  # it landed after fn returned, before the disarm: fn had completed
+        return interrupted
 
     def close(self):
         signal.signal(signal.SIGINT, self.previous)
