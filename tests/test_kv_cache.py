@@ -341,7 +341,7 @@ def test_usage_gauge(tiny_llada_dir):
 
     class _Snapshot:   # what the collector reads of an AsyncLLM
         def __init__(self, stats):
-            self.stats, self.is_healthy, self.num_steps = stats, True, 0
+            self.stats, self.is_healthy, self.num_steps, self.step_seconds = stats, True, 0, 0.0
 
         def num_waiting(self):
             return self.stats["num_waiting"]
