@@ -11,6 +11,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from model_executor.model_loader import LOAD_FORMATS
+from sparsed_engine.sampling_params import KV_CACHE_MODES
 from sparsed_engine.validation import OptionalDict, StrictModel, type_error
 
 # A small LLaDA-architecture DLM trained for this project (examples/train_tiny_dlm.py), shipped so
@@ -54,6 +55,19 @@ class EngineConfig(StrictModel):
     """Fraction of free device memory the pattern pool takes when mask_pool_bytes is None."""
     mask_pool_block_bytes: PositiveInt = 1 << 16
     """Bytes of one pattern pool block (the unit of allocation)."""
+    kv_cache: Literal[KV_CACHE_MODES] = "none"
+    """Throughput mode of requests that name none (SamplingParams.kv_cache): none (exact: every step
+    recomputes the whole canvas), prefix or dual (Fast-dLLM's block-wise KV cache, approximate: the
+    first step of each semi-AR block stores every layer's K/V, the others recompute only the block,
+    plus everything after it with prefix). Any mode but none allocates the KV pool."""
+    kv_cache_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Bytes of the paged KV pool per worker (None: kv_cache_memory_fraction of the free memory);
+    setting it allocates the pool even when kv_cache is none (for requests that ask for a cache)."""
+    kv_cache_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Fraction of the device memory left free by the model and the pattern pool that the KV pool
+    takes when kv_cache_bytes is None."""
+    kv_cache_page_size: PositiveInt = 64
+    """Tokens per KV page (the unit of allocation of the KV pool)."""
     max_num_seqs: PositiveInt = 256
     """Most requests denoised together in one step."""
     max_num_batched_tokens: PositiveInt | None = None
@@ -111,6 +125,11 @@ class EngineConfig(StrictModel):
                            f"'uni' runs one worker; sequence_parallel_size={sp} needs 'ray' or 'mp'")
         if backend == "ray" and importlib.util.find_spec("ray") is None:
             raise self.bad("distributed_executor_backend", "Ray is not installed: pip install 'sparsed-engine[ray]'")
+
+    @property
+    def wants_kv_pool(self) -> bool:
+        """The KV pool is allocated only for a cache mode by default or a size given."""
+        return self.kv_cache != "none" or self.kv_cache_bytes is not None
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -3,7 +3,7 @@ name the bad value). Unmasking policy names are each model family's business, ch
 request is added."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,6 +17,7 @@ MAX_CFG_SCALE = 1000.0
 CONFIDENCE_THRESHOLD = "confidence_threshold"  # the policy `threshold` belongs to (both families offer it)
 
 PositiveInt = Annotated[int, Field(ge=1)]
+KV_CACHE_MODES = ("none", "prefix", "dual")   # exact mode, then Fast-dLLM's two block-wise caches
 
 
 class SamplingParams(StrictModel):
@@ -58,6 +59,9 @@ class SamplingParams(StrictModel):
     one; a block ends when it has no mask left (at the latest after its steps/blocks steps, the last
     committing all that remain), so a request may take fewer steps than `steps` (its output's
     metrics.steps says how many). Above 1 nothing reaches it: one token a step."""
+    kv_cache: Literal[KV_CACHE_MODES] | None = None
+    """Throughput mode of this request: none (exact), prefix or dual (Fast-dLLM's block-wise KV cache,
+    refreshed at the first step of each block); None: the engine's kv_cache."""
 
     @model_validator(mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from attention_backends.base import SELECT, PoolSpec, RowSpec
+from attention_backends.base import SELECT, KVPoolSpec, PoolSpec, RowSpec, kv_page_bytes
 from attention_backends.registry import get_backend_class, selected_backend_name
 from model_executor.families import get_family
 from model_executor.model_loader import load_tokenizer, read_model_info
@@ -38,6 +38,9 @@ class LLMEngine:
         self.backend_cls = get_backend_class(self.backend_name)
         self.backend_cls.check_device(self.backend_cls.resolve_config(config.attention_config),  # engine-wide
                                       config.resolved_device())                                 # settings fail here
+        if config.kv_cache != "none" and not self.backend_cls.supports_kv_cache:
+            raise ValueError(f"EngineConfig.kv_cache={config.kv_cache!r}: attention backend "
+                             f"{self.backend_name!r} has no KV-cache path; use kv_cache='none' or another backend")
         # one rank's heads: each rank stores the patterns of its own heads under the same block ids
         self.layout = rank_layout(self.info.attention_layout, config.sequence_parallel_size)
         self.max_model_len = config.max_model_len or self.info.max_model_len
@@ -54,7 +57,7 @@ class LLMEngine:
             num_blocks = pool_bytes // block_bytes
         self.executor.init_pool(PoolSpec(num_blocks, block_bytes))
         self.scheduler = Scheduler(
-            BlockManager(num_blocks, block_bytes), self.backend_cls, config.max_num_seqs,
+            self._block_manager(num_blocks, block_bytes), self.backend_cls, config.max_num_seqs,
             config.max_num_batched_tokens or max(16384, self.max_model_len))
         eos = set(self.info.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -62,6 +65,21 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self._ids = itertools.count()
         self._finished_seq_ids: list[int] = []   # told to the workers with the next step
+
+    def _block_manager(self, num_blocks: int, block_bytes: int) -> BlockManager:
+        """Sizes and allocates the KV pool (after the pattern pool, from the memory left) when the
+        engine's default mode caches or kv_cache_bytes is given."""
+        cfg = self.config
+        page_size = cfg.kv_cache_page_size
+        page_bytes = kv_page_bytes(self.layout, page_size, self.dtype)   # one rank's heads
+        enabled = cfg.wants_kv_pool and self.backend_cls.supports_kv_cache
+        num_pages = 0
+        if enabled:
+            pool_bytes = (cfg.kv_cache_bytes if cfg.kv_cache_bytes is not None
+                          else self.executor.available_pool_bytes(cfg.kv_cache_memory_fraction))
+            num_pages = pool_bytes // page_bytes
+            self.executor.init_kv_pool(KVPoolSpec(num_pages, page_size))
+        return BlockManager(num_blocks, block_bytes, num_pages, page_bytes, page_size, enabled)
 
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
@@ -91,8 +109,35 @@ class LLMEngine:
             raise ValueError(
                 f"the request's sparse pattern needs {blocks} pool blocks ({blocks * bm.block_bytes} bytes) "
                 f"but the pattern pool holds {bm.num_blocks}; raise LLM(mask_pool_bytes=...)")
+        mode = params.kv_cache if params.kv_cache is not None else self.config.kv_cache
+        kv_pages = self._kv_pages_needed(mode, params, len(ids) + params.max_tokens, rows)
         rid = request_id if request_id is not None else self._new_id()
-        return Sequence(rid, text, ids, params, self.denoiser, policy, self.info.mask_token_id, attn_cfg, blocks)
+        return Sequence(rid, text, ids, params, self.denoiser, policy, self.info.mask_token_id, attn_cfg, blocks,
+                        mode, kv_pages)
+
+    def _kv_pages_needed(self, mode: str, params: SamplingParams, canvas_len: int, rows: int) -> int:
+        """KV pages of a request in `mode` (0 in exact mode); ValueError when it can never run."""
+        if mode == "none":
+            return 0
+        source = (f"SamplingParams.kv_cache={mode!r}" if params.kv_cache is not None
+                  else f"EngineConfig.kv_cache={mode!r}")
+        if not self.backend_cls.supports_kv_cache:
+            raise ValueError(f"{source}: attention backend {self.backend_name!r} has no KV-cache path; "
+                             f"use kv_cache='none' or another backend")
+        bm = self.scheduler.block_manager
+        if not bm.kv_enabled:
+            raise ValueError(f"{source} needs the KV pool, which this engine did not allocate: start it with "
+                             f"LLM(kv_cache='prefix' or 'dual') or LLM(kv_cache_bytes=...)")
+        pages = rows * bm.kv_pages_per_row(canvas_len)
+        if not bm.kv.can_ever_fit(pages):
+            cfg = self.config
+            option = (f"kv_cache_bytes={cfg.kv_cache_bytes}" if cfg.kv_cache_bytes is not None
+                      else f"kv_cache_memory_fraction={cfg.kv_cache_memory_fraction}")
+            raise ValueError(
+                f"{source}: the request's canvas ({canvas_len} tokens, {rows} row(s)) needs {pages} KV pages "
+                f"({pages * bm.kv.block_bytes} bytes) but the KV pool holds {bm.kv.num_blocks} "
+                f"({bm.kv.num_blocks * bm.kv.block_bytes} bytes); raise LLM({option})")
+        return pages
 
     def _new_id(self) -> str:
         live = self.scheduler.request_ids()
@@ -155,10 +200,14 @@ class LLMEngine:
             if phase != SELECT and n == 0 and p == 0:
                 continue  # commits nothing and selects no pattern: nothing would change
             per_row = len(seq.pattern_blocks) // seq.num_rows
+            computed = seq.computed_span()
             for r, canvas in enumerate(seq.rows()):
                 spec = RowSpec(canvas.numel(), seq.prompt_len, phase,
-                               seq.pattern_blocks[r * per_row:(r + 1) * per_row], seq.attention_config)
+                               seq.pattern_blocks[r * per_row:(r + 1) * per_row], seq.attention_config,
+                               seq.kv_pages[r], computed)
                 rows.append(RowInput(canvas, positions, spec))
+            if seq.needs_refresh:
+                seq.kv_block = seq.block   # this step stores the block's refresh
             sampling.append(seq.sampling(n, p))
             owners.append(seq)
         if rows:
@@ -217,13 +266,17 @@ class LLMEngine:
     def get_stats(self, workers: bool = True) -> dict:
         """Scheduler-side counts and pool blocks; with `workers`, also what the workers allocated
         (a call to every rank: not for every step)."""
-        pool = self.scheduler.block_manager.stats()
+        bm = self.scheduler.block_manager
+        pool, kv = bm.stats(), bm.kv_stats()
         if workers:
             pool.update(self.executor.pool_usage())
+            if bm.kv_enabled:
+                kv.update(self.executor.kv_pool_usage())
         return {"backend": self.backend_name,
                 "num_running": len(self.scheduler.running),
                 "num_waiting": len(self.scheduler.waiting),
-                "mask_pool": pool}
+                "mask_pool": pool,
+                "kv_pool": kv}
 
     def shutdown(self) -> None:
         self.executor.shutdown()

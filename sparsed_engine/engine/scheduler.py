@@ -1,15 +1,19 @@
 """Which sequences run in a denoising step, and what their attention does in it.
 
 Every running sequence takes part in every step (a DLM step is a whole-canvas pass). Waiting
-requests are admitted in arrival order while the token budget, the sequence cap and the
-pattern pool allow.
+requests are admitted in arrival order while the token budget, the sequence cap, the pattern pool
+and the KV pool allow (a request's KV pages are allocated as it is admitted).
+
+SparseD in throughput mode: dense until the backend's selection step; the pattern is selected at
+the first refresh step at or after it (a cached step never selects: it sees only part of the
+canvas); after that every step, refresh or cached, is sparse.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 
-from attention_backends.base import DENSE, SELECT
+from attention_backends.base import DENSE, SELECT, SPARSE
 from sparsed_engine.engine.block_manager import BlockManager
 from sparsed_engine.engine.sequence import Sequence, SequenceStatus
 
@@ -41,10 +45,11 @@ class Scheduler:
             seq = self.waiting[0]
             if self.running and tokens + seq.num_tokens > self.max_num_batched_tokens:
                 break
-            if not self.block_manager.can_reserve(seq.pattern_blocks_needed):
-                break  # waits until a running request frees its pattern
+            if not self.block_manager.can_admit(seq.pattern_blocks_needed, seq.kv_pages_needed):
+                break  # waits until a running request frees its pattern or its pages
             self.waiting.popleft()
-            self.block_manager.reserve(seq.request_id, seq.pattern_blocks_needed)
+            seq.kv_pages = self.block_manager.admit(seq.request_id, seq.pattern_blocks_needed,
+                                                    seq.kv_pages_needed, seq.num_rows)
             seq.status = SequenceStatus.RUNNING
             seq.metrics.first_scheduled_time = time.time()
             self.running.append(seq)
@@ -53,7 +58,12 @@ class Scheduler:
     def phase_of(self, seq: Sequence) -> str:
         if not seq.pattern_blocks_needed:
             return DENSE
-        return self.backend_cls.phase(seq.step, seq.total_steps, seq.attention_config)
+        phase = self.backend_cls.phase(seq.step, seq.total_steps, seq.attention_config)
+        if seq.kv_cache == "none":
+            return phase
+        if seq.pattern_blocks:   # selected at an earlier refresh
+            return SPARSE
+        return SELECT if phase != DENSE and seq.needs_refresh else DENSE
 
     def schedule(self) -> list[tuple[Sequence, str]]:
         """The sequences of this step with their attention phase; patterns get their ids here."""

@@ -27,12 +27,17 @@ class Sequence:
     Its family's denoiser says how many tokens each step commits; rank 0's worker chooses them.
     Under a threshold policy the worker also decides how many (at least the plan's count), so a
     block ends as soon as it has no mask left, before its `steps_per_block` if it empties early.
+
+    Throughput mode (`kv_cache` prefix or dual): the first step of a block that runs is a refresh
+    (the whole canvas, every layer's K/V stored in the row's pages); the block's other steps are
+    cached steps computing only `computed_span()`. (A step that would commit nothing is skipped, as
+    in exact mode, so the refresh is the block's first step that runs: it sees the same canvas.)
     """
     _seq_ids = itertools.count()   # unique in this process, unlike request ids, which may be reused
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, denoiser: Denoiser, policy: str, mask_token_id: int,
-                 attention_config, pattern_blocks: int):
+                 attention_config, pattern_blocks: int, kv_cache: str = "none", kv_pages: int = 0):
         self.request_id = request_id
         self.seq_id = next(Sequence._seq_ids)
         self.prompt = prompt
@@ -45,6 +50,10 @@ class Sequence:
         self.attention_config = attention_config
         self.pattern_blocks_needed = pattern_blocks   # 0: this request never needs a pattern
         self.pattern_blocks: tuple[int, ...] = ()
+        self.kv_cache = kv_cache                  # none (exact), prefix or dual
+        self.kv_pages_needed = kv_pages           # over all rows; 0 in exact mode
+        self.kv_pages: tuple[tuple[int, ...], ...] = ()   # per row, from admission on
+        self.kv_block: int | None = None          # the block whose refresh the pages hold
         self.prompt_len = len(prompt_token_ids)
         self.canvas = torch.tensor(prompt_token_ids + [mask_token_id] * params.max_tokens,
                                    dtype=torch.long)
@@ -83,6 +92,19 @@ class Sequence:
         """Still-masked canvas positions of the current block, the only ones this step may commit."""
         s, e = self.block_region()
         return (self.canvas[s:e] == self.mask_token_id).nonzero().squeeze(-1) + s
+
+    @property
+    def needs_refresh(self) -> bool:
+        """Throughput mode, and the pages do not hold this block's refresh yet."""
+        return self.kv_cache != "none" and self.kv_block != self.block
+
+    def computed_span(self) -> tuple[int, int] | None:
+        """Canvas positions this step computes: None (all) in exact mode and on a refresh; else
+        the block (dual) or the block and everything after it (prefix)."""
+        if self.kv_cache == "none" or self.needs_refresh:
+            return None
+        s, e = self.block_region()
+        return (s, e) if self.kv_cache == "dual" else (s, self.canvas.numel())
 
     def rows(self) -> list[torch.Tensor]:
         if self.num_rows == 1:

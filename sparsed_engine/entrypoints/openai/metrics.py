@@ -1,7 +1,7 @@
 """Prometheus metrics at /metrics, named and shaped like vLLM's (prefix `sparsed:`).
 
 Request counters and latency histograms are updated as requests finish; the engine's gauges
-(requests running / waiting, pattern-pool bytes) and its step count are read from the AsyncLLM's
+(requests running / waiting, pattern-pool bytes, KV-pool usage) and its step count are read from the AsyncLLM's
 latest snapshot at scrape time. Each server has its own registry, so several can share a process.
 """
 from __future__ import annotations
@@ -23,12 +23,15 @@ class _EngineCollector:
     def collect(self):
         stats = self.llm.stats
         pool = stats.get("mask_pool", {})
+        kv = stats.get("kv_pool", {})
+        kv_usage = kv["used_blocks"] / kv["total_blocks"] if kv.get("total_blocks") else 0.0
         for name, doc, value in (
                 ("sparsed:num_requests_running", "Requests in the running batch.", stats["num_running"]),
                 ("sparsed:num_requests_waiting", "Requests waiting for admission.", self.llm.num_waiting()),
                 ("sparsed:mask_pool_used_bytes", "Pattern-pool bytes held by running requests.",
                  pool.get("used_bytes", 0)),
                 ("sparsed:mask_pool_capacity_bytes", "Pattern-pool size in bytes.", pool.get("capacity_bytes", 0)),
+                ("sparsed:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", kv_usage),
                 ("sparsed:engine_healthy", "1 while the engine can run steps, 0 once it is dead.",
                  int(self.llm.is_healthy))):
             g = GaugeMetricFamily(name, doc, labels=["model_name"])

@@ -44,7 +44,7 @@ class StreamOptions(OpenAIBaseModel):
 # the sampling fields with the same name and meaning in SamplingParams (OpenAI's, then the diffusion ones)
 _SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "stop", "seed", "steps", "block_length",
                     "unmasking", "top_k", "cfg_scale", "alg_temp", "eps", "attention_config",
-                    "stop_token_ids", "threshold")
+                    "stop_token_ids", "threshold", "kv_cache")
 
 
 class _SamplingRequest(OpenAIBaseModel):
@@ -69,6 +69,7 @@ class _SamplingRequest(OpenAIBaseModel):
     attention_config: dict[str, Any] | None = None
     stop_token_ids: list[int] | None = None
     threshold: float | None = None
+    kv_cache: str | None = None   # none / prefix / dual; absent: the server's --kv-cache
     # OpenAI fields not implemented: allowed only at their "off" value
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
