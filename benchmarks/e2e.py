@@ -26,6 +26,7 @@ from benchmarks import e2e_kv
 from benchmarks.llada8b import kv_pool_bytes, prompt_ids, write_model_dir
 from benchmarks.steps import median_of, timed_steps
 from sparsed_engine import LLM, SamplingParams
+from sparsed_engine.config import DEFAULT_MODEL
 
 SPARSE = {"skip": 0.2, "select": 0.3, "block_size": 128}
 GEN = 128
@@ -110,6 +111,9 @@ def main():
                     "exact vs dual KV cache, dense and SparseD, 1,024-step totals; --full-run runs the cache modes")
     ap.add_argument("--kv-gen", type=int, default=1024, help="--kv: tokens generated in the 1,024 steps")
     ap.add_argument("--kv-block", type=int, default=32, help="--kv: semi-AR block (one refresh per block)")
+    ap.add_argument("--kv-steps", type=int, default=1024, help="--kv: steps of the generation")
+    ap.add_argument("--toy", action="store_true", help="--kv on CPU: the bundled model with random weights, "
+                    "a 128-token canvas, 32 tokens in 32 steps, block 8 (checks the script runs; its times mean nothing)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,16 +170,21 @@ def main():
 
 
 def run_kv(args, out: Path) -> None:
-    longest = max(args.lengths + args.full_run + [4096])
+    sparse, gen, block, steps, warm = SPARSE, args.kv_gen, args.kv_block, args.kv_steps, 4096
+    if args.toy:
+        args.lengths, args.full_run, warm = [128], [128], 128
+        sparse, gen, block, steps = {**SPARSE, "block_size": 32}, 32, 8, 32
+    longest = max(args.lengths + args.full_run + [warm])
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_model_dir(Path(tmp)))
-        pool = kv_pool_bytes(model, longest, 1, 2)   # one request of the longest canvas
-        llm = LLM(model=model, load_format="dummy", dtype="bfloat16", attention_backend="sparsed",
-                  attention_config=SPARSE, max_model_len=longest, kv_cache_bytes=pool)
-        e2e_kv.warm_up(llm, args.kv_gen, args.kv_block, SPARSE)
-        rows = [e2e_kv.measure(llm, n, args.kv_gen, args.kv_block, SPARSE) for n in args.lengths]
-        fulls = [e2e_kv.full_run(llm, n, args.kv_gen, args.kv_block, SPARSE) for n in args.full_run]
-    print(e2e_kv.write(rows, fulls, args.kv_gen, args.kv_block, SPARSE, pool / 2**30, out))
+        model = str(DEFAULT_MODEL) if args.toy else str(write_model_dir(Path(tmp)))
+        dtype = "float32" if args.toy else "bfloat16"
+        pool = kv_pool_bytes(model, longest, 1, 4 if args.toy else 2)   # one request of the longest canvas
+        llm = LLM(model=model, load_format="dummy", dtype=dtype, device="cpu" if args.toy else "auto",
+                  attention_backend="sparsed", attention_config=sparse, max_model_len=longest, kv_cache_bytes=pool)
+        e2e_kv.warm_up(llm, warm, gen, block, steps, sparse)
+        rows = [e2e_kv.measure(llm, n, gen, block, steps, sparse) for n in args.lengths]
+        fulls = [e2e_kv.full_run(llm, n, gen, block, steps, sparse) for n in args.full_run]
+    print(e2e_kv.write(rows, fulls, gen, block, steps, sparse, pool / 2**30, out))
 
 
 if __name__ == "__main__":
