@@ -102,6 +102,8 @@ def test_cli_errors_are_one_line_status_2(tiny_llada_dir, tmp_path, capsys):
         (["generate", "--model", "", "--prompt", "x"], "EngineConfig.model=''"),
         (["generate", *model, "--prompt", "x", "--attention-backend", "nope"], "unknown attention backend 'nope'"),
         (["generate", *model, "--prompt", "x", "--mask-pool-fraction", "inf"], "mask_pool_fraction=inf"),
+        (["generate", *model, "--prompt", "x", "--kv-cache", "full"], "argument --kv-cache: invalid choice"),
+        (["generate", *model, "--prompt", "x", "--request-kv-cache", "dual"], "SamplingParams.kv_cache='dual' needs"),
         (["generate", *model, "--prompt", "x", "--seed", str(2**64)], "SamplingParams.seed="),
         ([], "the following arguments are required: command"),
     ]
@@ -147,3 +149,31 @@ def test_generated_flags_reach_the_engine(tiny_llada_dir, capsys, argv):
     rc = cli_main([*argv, "--model", str(tiny_llada_dir), "--max-tokens", "8", "--steps", "2", "--no-progress",
                    "--max-num-seqs", "2", "--eps", "0.01"])
     assert rc == 0 and "=== request" in capsys.readouterr().out
+
+
+def test_kv_cache_flags(tiny_llada_dir, capsys):
+    """--kv-cache is the engine's default mode; SamplingParams.kv_cache, whose name clashes with it,
+    is --request-kv-cache (the generated prefix of a clash). Both reach the engine."""
+    from sparsed_engine import LLM
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    add_sampling_args(p)
+    args = p.parse_args(["--kv-cache", "dual", "--request-kv-cache", "none", "--kv-cache-bytes", "1048576",
+                         "--kv-cache-page-size", "32", "--kv-cache-memory-fraction", "0.25"])
+    cfg = EngineConfig(model="m", **engine_kwargs_from_args(args))
+    assert (cfg.kv_cache, cfg.kv_cache_bytes, cfg.kv_cache_page_size, cfg.kv_cache_memory_fraction) == \
+        ("dual", 1 << 20, 32, 0.25)
+    assert SamplingParams(**sampling_kwargs_from_args(args)).kv_cache == "none"
+    assert engine_kwargs_from_args(p.parse_args(["--request-kv-cache", "prefix"])) == {}
+    assert sampling_kwargs_from_args(p.parse_args(["--kv-cache", "prefix"])) == {}
+    prompt, sp = "The scheduler decides which sequences run in the next step.", \
+        SamplingParams(max_tokens=32, steps=16, block_length=8)
+    flags = ["--max-tokens", "32", "--steps", "16", "--block-length", "8", "--no-progress"]
+    with LLM(model=str(tiny_llada_dir), kv_cache="dual", kv_cache_bytes=1 << 20) as llm:
+        dual, exact = (llm.generate(prompt, sp.replace(kv_cache=m), use_tqdm=False)[0].outputs[0].text
+                       for m in ("dual", "none"))
+    assert dual != exact
+    for extra, expect in ((["--kv-cache", "dual"], dual), (["--kv-cache", "dual", "--request-kv-cache", "none"], exact)):
+        assert cli_main(["generate", "--model", str(tiny_llada_dir), "--prompt", prompt, "--kv-cache-bytes",
+                         "1048576", *flags, *extra]) == 0
+        assert "\n" + expect + "\n" in capsys.readouterr().out

@@ -241,6 +241,8 @@ def test_disconnected_non_streaming_client_is_aborted(url, engine):
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "echo": True}, "echo"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "kv_cache": "full"}, "kv_cache"),
+    ({"prompt": "x", "max_tokens": 8, "kv_cache": "dual"}, "kv_cache"),   # this server has no KV pool
     ({"prompt": "x", "no_such_field": 1}, "no_such_field"),
     ({}, "prompt"),
 ])
@@ -260,6 +262,15 @@ def test_bad_completion_request_is_400_naming_the_field(url, body, param):
      "messages.content.type"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, "max_completion_tokens"),
 ])
+def test_kv_cache_field_is_the_requests_mode():
+    """`kv_cache` in the body is SamplingParams.kv_cache; absent, the server's --kv-cache applies."""
+    from sparsed_engine.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+    assert CompletionRequest(prompt="x", kv_cache="dual").sampling_params().kv_cache == "dual"
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], kv_cache="none")
+    assert chat.sampling_params().kv_cache == "none"
+    assert CompletionRequest(prompt="x").sampling_params().kv_cache is None
+
+
 def test_bad_chat_request_is_400_naming_the_field(client, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, **body)
@@ -310,6 +321,7 @@ def test_metrics_count_what_was_sent(url, client):
     assert delta("sparsed:denoising_steps_total") >= 8   # the three may share steps
     assert after[("sparsed:num_requests_running", ())] == 0
     assert after[("sparsed:mask_pool_capacity_bytes", ())] == SPARSE_KW["mask_pool_bytes"]
+    assert after[("sparsed:kv_cache_usage_perc", ())] == 0   # no KV pool on this server
 
 
 # ---------------------------------------------------------------- the async engine without HTTP

@@ -100,10 +100,12 @@ class Sequence:
 
     def computed_span(self) -> tuple[int, int] | None:
         """Canvas positions this step computes: None (all) in exact mode and on a refresh; else
-        the block (dual) or the block and everything after it (prefix)."""
+        the block (dual) or the block and everything after it (prefix), starting `logits_shift`
+        earlier (Dream: the logits of the block's first position come from the hidden state before it)."""
         if self.kv_cache == "none" or self.needs_refresh:
             return None
         s, e = self.block_region()
+        s -= self.denoiser.logits_shift
         return (s, e) if self.kv_cache == "dual" else (s, self.canvas.numel())
 
     def rows(self) -> list[torch.Tensor]:
