@@ -205,10 +205,13 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="modes whose label contains one of these (exact "
                     "dense always runs)")
     ap.add_argument("--max-minutes", type=float, default=None,
-                    help="start no further mode after this many minutes (those left are listed as not run)")
+                    help="start no further mode after this many minutes (those left are listed as not run); "
+                         "default 2.5 at full scale, none with --small")
     args = ap.parse_args()
     t0 = time.time()
     scale = SMALL if args.small else FULL
+    if args.max_minutes is None and not args.small:
+        args.max_minutes = 2.5
     samples = args.samples or scale.samples
     ruler_samples = args.ruler_samples or scale.ruler_samples
     modes = [m for m in MODES if m is MODES[0] or not args.only or any(o in m.label for o in args.only)]

@@ -102,8 +102,8 @@ def run_mode(llm: LLM, prompts, fields: dict, args, sync) -> dict:
 
 def estimate(dual: dict, trained: dict, args) -> dict:
     """Threshold decoding's time on a trained model, priced with the dual cache's measured batch steps
-    (all requests in lockstep): blocks refreshes + the rest cached. `check` applies the same formula to
-    the measured dual-cache run itself (its steps are known: args.steps)."""
+    (all requests in lockstep): blocks refreshes + the rest cached. "check_seconds" prices
+    the measured dual-cache run itself with the same formula (its steps are known: args.steps)."""
     blocks = args.max_tokens // args.block_length
     t_ref, t_cached = dual["clock"].median("refresh"), dual["clock"].median("cached")
 
