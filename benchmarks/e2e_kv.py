@@ -64,6 +64,7 @@ def schedule_counts(steps: int, spb: int, skip: float) -> dict:
 
 
 def measure(llm: LLM, n: int, gen: int, block: int, steps: int, sparse: dict) -> dict:
+    t0 = time.perf_counter()
     ids = prompt_ids(llm.get_tokenizer(), n - gen)
     reset_peak()
     exact_dense = timed_kv_steps(llm, ids, params(gen, block, steps, "none", DENSE), sync, 3)
@@ -79,7 +80,7 @@ def measure(llm: LLM, n: int, gen: int, block: int, steps: int, sparse: dict) ->
          "refresh_select": median_where(dual_sparse, "select", "refresh", skip_first=False),
          "refresh_sparse": median_where(dual_sparse, "sparse", "refresh", skip_first=False),
          "cached_sparse": median_where(dual_sparse, "sparse", "cached"),
-         "peak_gib": peak_gib()}
+         "peak_gib": peak_gib(), "wall_s": time.perf_counter() - t0}
     return totals(r, gen // block, steps, sparse["skip"])
 
 
@@ -151,7 +152,8 @@ def write(rows: list[dict], fulls: list[dict], gen: int, block: int, steps: int,
         c = rows[0]["counts"]
         lines += ["", f"Dual + SparseD schedule over {steps} steps: {c['refresh_dense']} dense refreshes, "
                   f"{c['cached_dense']} dense cached steps, {c['select']} selection refresh, {c['refresh_sparse']} "
-                  f"sparse refreshes, {c['cached_sparse']} sparse cached steps."]
+                  f"sparse refreshes, {c['cached_sparse']} sparse cached steps. Wall time of the measurements: "
+                  + ", ".join(f"{r['N']}: {r['wall_s']:.0f} s" for r in rows) + "."]
     if fulls:
         lines += ["", f"Measured end to end ({steps} steps, {gen} tokens, block {block}):", "",
                   "| N | dual dense (s) | computed | peak GiB | dual + SparseD (s) | computed | peak GiB | speedup |",

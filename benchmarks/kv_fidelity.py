@@ -149,7 +149,7 @@ def summarize(results: dict, rulers: dict, eos: int) -> tuple[str, list[str]]:
         for n, h in r["passkey_hits"].items():
             d = dense["passkey_hits"][n]
             drops[n] = 100 * (sum(d) - sum(h)) / len(h)
-            cells.append(f"{-drops[n]:+.1f} ({mcnemar_p(d, h):.2g})")
+            cells.append(f"{100 * (sum(h) - sum(d)) / len(h):+.1f} ({mcnemar_p(d, h):.2g})")
         for n in rl:
             keep = [sc for s, sc in zip(rulers[n], r["ruler"][n]) if s.task in can_do[n]]
             if keep:
