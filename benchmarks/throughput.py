@@ -100,7 +100,7 @@ def run_mode(llm: LLM, prompts, fields: dict, args, sync) -> dict:
     return r
 
 
-def estimate(dual: dict, trained: dict, args) -> dict:
+def estimate(dual: dict, exact_tok_s: float, trained: dict, args) -> dict:
     """Threshold decoding's time on a trained model, priced with the dual cache's measured batch steps
     (all requests in lockstep): blocks refreshes + the rest cached. "check_seconds" prices
     the measured dual-cache run itself with the same formula (its steps are known: args.steps)."""
@@ -111,7 +111,10 @@ def estimate(dual: dict, trained: dict, args) -> dict:
         return blocks * t_ref + (steps - blocks) * t_cached
 
     tokens = args.num_requests * args.max_tokens
+    # steps a request may take for 10x the exact dense run's tokens/s at these step prices
+    ten_x = tokens / (10 * exact_tok_s)
     return {"t_refresh": t_ref, "t_cached": t_cached, "seconds": price(trained["steps_mean"]),
+            "steps_for_10x": blocks + (ten_x - blocks * t_ref) / t_cached,
             "tok_s": tokens / price(trained["steps_mean"]), "tok_s_slowest": tokens / price(trained["steps_max"]),
             "check_seconds": price(args.steps)}
 
@@ -142,7 +145,9 @@ def report(rows: dict, est: dict, trained: dict, args, title: str, pool_gib: flo
               f"{args.max_tokens // args.block_length}) x cached. The formula priced the measured dual-cache "
               f"run at {est['check_seconds']:.1f} s vs {dual['seconds']:.1f} s measured. With every request "
               f"as slow as the slowest: {est['tok_s_slowest']:.1f} tok/s "
-              f"({est['tok_s_slowest'] / base:.2f}x).",
+              f"({est['tok_s_slowest'] / base:.2f}x). At these step prices 10x needs at most "
+              f"{est['steps_for_10x']:.1f} steps a request ({args.max_tokens / max(est['steps_for_10x'], 1e-9):.1f} "
+              f"tokens a step; below {args.max_tokens // args.block_length} steps, one per block, it cannot be reached).",
               f"Targets (issue 13, vs exact dense): dual cache >= 5x: {dual['tok_s'] / base:.2f}x "
               f"({'met' if dual['tok_s'] >= 5 * base else 'MISSED'}); dual + threshold >= 10x: measured "
               f"{thr['tok_s'] / base:.2f}x (random weights), estimated {est['tok_s'] / base:.2f}x "
@@ -215,7 +220,7 @@ def main() -> None:
                   f"peak {r['peak_gib']:.1f} GiB", flush=True)
             rows[key] = (label, r)
         llm.shutdown()
-    est = estimate(rows["dual"][1], trained, args)
+    est = estimate(rows["dual"][1], rows["exact"][1]["tok_s"], trained, args)
     device = torch.cuda.get_device_name() if cuda else "CPU"
     title = (f"throughput, {'toy: bundled model shape' if args.toy else 'LLaDA-8B shape'}, random "
              f"{dtype} weights, {device}, {datetime.date.today()}, torch {torch.__version__}")
