@@ -9,6 +9,7 @@ Rows without pages never reach this module: exact mode keeps its own code path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -100,9 +101,11 @@ class PagedCall:
     span: tuple[int, int] | None        # their query tokens' range in the packed batch when contiguous
     token_idx: torch.Tensor | None      # otherwise their indices
     page_table: torch.Tensor            # int32 [R, max_pages], device
-    cu_q: torch.Tensor                  # int32 [R+1], device
-    q_start: torch.Tensor               # int32 [R], host: first computed canvas position of each row
-    kv_len: torch.Tensor                # int32 [R], host: canvas length of each row
+    # Host tensors (the kernel plans its work from them on the CPU), the same objects for every
+    # layer of the step, so the kernel builds that plan once per step:
+    cu_q: torch.Tensor                  # int32 [R+1]: the rows' fresh queries in the call's q
+    q_start: torch.Tensor               # int32 [R]: first computed canvas position of each row
+    kv_len: torch.Tensor                # int32 [R]: canvas length of each row
     kernel: str = "auto"
     block_size: int | None = None       # with a block pattern (SparseD after its selection):
     q_blocks: list[tuple[int, int]] | None = None   # each row's query blocks [b0, b1) of its pattern
@@ -112,7 +115,10 @@ class PagedCall:
     def of(cls, rows: list[RowSpec], starts: list[int], members: list[int], device, kernel: str = "auto",
            block_size: int | None = None) -> "PagedCall":
         def int32(values, to_device=True):
-            t = torch.tensor(values, dtype=torch.int32)
+            # Normal tensors even under the runner's inference_mode: the Triton kernel keys its
+            # per-step plan on the host tensors' version counters, which inference tensors lack.
+            with torch.inference_mode(False):
+                t = torch.tensor(values, dtype=torch.int32)
             return t.to(device) if to_device else t
 
         specs = [rows[i] for i in members]
@@ -120,14 +126,14 @@ class PagedCall:
         span, idx = _token_index([starts[i] for i in members], sizes, device)
         width = max(len(r.kv_pages) for r in specs)
         table = int32([list(r.kv_pages) + [0] * (width - len(r.kv_pages)) for r in specs])
-        cu_q = int32([0] + sizes).cumsum(0, dtype=torch.int32)
+        cu_q = int32([0, *accumulate(sizes)], to_device=False)
         q_start = int32([r.computed[0] for r in specs], to_device=False)
         kv_len = int32([r.length for r in specs], to_device=False)
         call = cls(members, span, idx, table, cu_q, q_start, kv_len, kernel)
         if block_size is not None:
             call.block_size = block_size
             call.q_blocks = [(r.computed[0] // block_size, (r.computed[1] - 1) // block_size + 1) for r in specs]
-            call.q_block_offsets = int32([0] + [b1 - b0 for b0, b1 in call.q_blocks]).cumsum(0, dtype=torch.int32)
+            call.q_block_offsets = int32([0, *accumulate(b1 - b0 for b0, b1 in call.q_blocks)])
         return call
 
     def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,

@@ -15,6 +15,7 @@ from model_executor.model_loader import load_model, read_model_info
 from model_executor.parallel import DistributedInit
 from model_executor.step_input import RowInput, StepInput
 from model_executor.worker import Worker, WorkerConfig
+from tests.tiny_checkpoints import write_tiny_dream
 
 BS, PAGE, STEPS, VOCAB, NUM_PAGES = 16, 8, 10, 300, 48
 # (canvas length, prompt length) of the rows; row i's current semi-AR block is [p + 8, p + 16)
@@ -275,8 +276,11 @@ def _sp_rank(rank: int, ports: list[int], cases: list, out_dir: str) -> None:
 
 
 def test_sequence_parallel_cached_steps_equal_one_rank(tmp_path, tiny_llada_dir, tiny_dream_dir):
-    """Each rank stores and reads the K/V of its own heads (Dream: 2 KV heads, one per rank)."""
-    cases = [(tiny_llada_dir, "sparsed"), (tiny_dream_dir, "sparsed"), (tiny_dream_dir, "dense")]
+    """Each rank stores and reads the K/V of its own heads (Dream: 2 KV heads, one per rank; with a
+    single KV head, both ranks cache a copy of it)."""
+    dream_1kv = write_tiny_dream(tmp_path / "dream_1kv", num_key_value_heads=1)
+    cases = [(tiny_llada_dir, "sparsed"), (tiny_dream_dir, "sparsed"), (tiny_dream_dir, "dense"),
+             (dream_1kv, "sparsed")]
     mp.spawn(_sp_rank, args=(_free_ports(len(cases)), cases, str(tmp_path)), nprocs=SP)
     for i, (model_dir, backend) in enumerate(cases):
         want = _sp_sequence(Rig(_worker(model_dir, backend), backend))
@@ -284,3 +288,18 @@ def test_sequence_parallel_cached_steps_equal_one_rank(tmp_path, tiny_llada_dir,
         assert torch.load(tmp_path / f"{i}-1.pt") == [None] * len(want)
         for g, w in zip(got, want):
             close(g, w)
+
+
+def test_paged_call_host_metadata_are_normal_tensors(tiny_llada_dir):
+    """Built under the runner's inference_mode, yet with version counters: the Triton kernel keys
+    its once-per-step plan on them (inference tensors have none)."""
+    rig = Rig(_worker(tiny_llada_dir, "sparsed"), "sparsed")
+    rig.run(rig.row(0, canvas(0), SELECT, "refresh"))
+    with torch.inference_mode():
+        meta = rig.w.backend.build_metadata([rig.row(0, canvas(0), SPARSE, "cached").spec,
+                                             rig.row(2, canvas(2), DENSE, "cached").spec])
+    assert len(meta.paged_calls) == 2
+    for call in meta.paged_calls:
+        for t in (call.cu_q, call.q_start, call.kv_len):
+            assert t.device.type == "cpu" and not t.is_inference()
+            assert t._version == 0

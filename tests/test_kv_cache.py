@@ -34,6 +34,14 @@ def llm(request, tiny_llada_dir, tiny_dream_dir):
         yield engine
 
 
+@pytest.fixture(scope="module", params=[("llada", True), ("dream", False)], ids=["llada-sparsed", "dream-dense"])
+def mixed_llm(request, tiny_llada_dir, tiny_dream_dir):
+    """Fewer engines for the costlier batch tests: both families, both backends."""
+    family, sparse = request.param
+    with _engine(tiny_llada_dir if family == "llada" else tiny_dream_dir, sparse) as engine:
+        yield engine
+
+
 def _tokens(outs):
     return [o.outputs[0].token_ids for o in outs]
 
@@ -215,7 +223,8 @@ def test_step_plan(llm, monkeypatch):
         assert [s[1].phase for s in seen] == [DENSE] * 5 + [SELECT] + [SPARSE] * 10
 
 
-def test_batched_equals_alone_and_pools_empty_after_aborts(llm):
+def test_batched_equals_alone_and_pools_empty_after_aborts(mixed_llm):
+    llm = mixed_llm
     prompts = [PROMPT, "Hello world", "Two plus two", "The cat", "Two"]
     params = [SamplingParams(max_tokens=16, steps=8, block_length=8, kv_cache="dual"),
               SamplingParams(max_tokens=16, steps=8, block_length=8, kv_cache="prefix"),
@@ -352,3 +361,20 @@ def test_usage_gauge(tiny_llada_dir):
         while eng.has_unfinished_requests():
             eng.step()
         assert usage(eng.get_stats()) == 0.0
+
+
+def test_sequence_parallel_equals_one_rank(tiny_dream_dir):
+    """Each rank caches the K/V of its own heads after the all-to-all (Dream's GQA: one KV head a
+    rank): two mp ranks give one rank's tokens, each rank holding a pool of the same pages."""
+    prompts = [PROMPT, "Hello world"]
+    params = [SamplingParams(max_tokens=16, steps=8, block_length=8, kv_cache="dual"),
+              SamplingParams(max_tokens=16, steps=8, block_length=8, kv_cache="prefix")]
+    with _engine(tiny_dream_dir, True) as one:
+        want = _tokens(one.generate(prompts, params, use_tqdm=False))
+    with _engine(tiny_dream_dir, True, device="cpu", sequence_parallel_size=2,
+                 distributed_executor_backend="mp") as two:
+        got = _tokens(two.generate(prompts, params, use_tqdm=False))
+        stats = two.get_stats()["kv_pool"]
+        assert stats["kv_allocated_bytes"] == 2 * stats["capacity_bytes"] > 0
+        _assert_pools_empty(two)
+    assert got == want

@@ -157,6 +157,12 @@ def test_plan_tiles_stay_in_one_query_block_and_splits_cover_rows():
     assert n_comb == 3
 
 
+def test_no_fresh_queries_is_an_empty_output():
+    gen = torch.Generator().manual_seed(10)
+    args = on_device(paged_case([(0, 0, 30), (5, 0, 9)], 2, 2, 16, 16, torch.float32, gen))
+    assert paged_attention(*args, SCALE).shape == (0, 2, 16)
+
+
 def test_write_kv_matches_reference():
     gen = torch.Generator().manual_seed(4)
     caches = [torch.randn(5, 16, 2, 16, generator=gen).to(DEVICE) for _ in range(2)]

@@ -254,14 +254,6 @@ def test_bad_completion_request_is_400_naming_the_field(url, body, param):
     assert err["param"] == param and err["type"] == "BadRequestError" and err["message"]
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages.content.type"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, "max_completion_tokens"),
-])
 def test_kv_cache_field_is_the_requests_mode():
     """`kv_cache` in the body is SamplingParams.kv_cache; absent, the server's --kv-cache applies."""
     from sparsed_engine.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -271,6 +263,14 @@ def test_kv_cache_field_is_the_requests_mode():
     assert CompletionRequest(prompt="x").sampling_params().kv_cache is None
 
 
+@pytest.mark.parametrize("body,param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.content.type"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, "max_completion_tokens"),
+])
 def test_bad_chat_request_is_400_naming_the_field(client, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, **body)
