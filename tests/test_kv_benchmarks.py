@@ -1,8 +1,10 @@
 """What the throughput-mode benchmarks compute from, checked against the engine on the tiny LLaDA:
 the dual-cache SparseD schedule e2e --kv prices its totals with, the step labels of the timing
-helpers, and the KV pool size they ask for. The scripts themselves run for minutes on CPU: their
-smoke modes are `benchmarks.throughput --toy`, `benchmarks.e2e --kv --toy`, `benchmarks.kv_fidelity
---small`."""
+helpers, and the KV pool size they ask for; then `benchmarks.throughput --toy` and `benchmarks.e2e
+--kv --toy` end to end (a few seconds each on an idle CPU). `benchmarks.kv_fidelity --small` takes
+longer and is not run here."""
+import json
+import sys
 from collections import Counter
 
 import pytest
@@ -62,3 +64,30 @@ def test_step_clock_labels_generate_steps(llm):
         llm.generate([_prompt(llm, CANVAS - 16)] * 2, params, use_tqdm=False)
     assert [lab for lab, _ in clock.steps] == (["refresh"] + ["cached"] * 3) * 2
     assert "step" not in vars(llm.llm_engine)   # the engine's own step is back
+
+
+def _run_main(monkeypatch, module, argv):
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+
+
+def test_throughput_toy_end_to_end(monkeypatch, tmp_path):
+    from benchmarks import throughput
+    _run_main(monkeypatch, throughput, ["--toy", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert len(rows) == 5
+    for label, r in rows.items():
+        assert r["tokens"] == 2 * 16 and r["tok_s"] > 0
+        if "threshold" not in label:
+            assert r["steps_mean"] == r["steps_max"] == 8
+    dual = rows["dual cache, dense"]["step_times"]
+    assert [lab for lab, _ in dual] == (["refresh"] + ["cached"] * 3) * 2
+    md = (tmp_path / "throughput.md").read_text()
+    assert md.count("\n| ") == 7 and "ESTIMATE (not measured end to end)" in md
+
+
+def test_e2e_kv_toy_end_to_end(monkeypatch, tmp_path):
+    from benchmarks import e2e
+    _run_main(monkeypatch, e2e, ["--kv", "--toy", "--out", str(tmp_path)])
+    md = (tmp_path / "e2e_kv.md").read_text()
+    assert "| 128 | " in md and "1 selection refresh, 2 sparse refreshes, 21 sparse cached steps" in md
