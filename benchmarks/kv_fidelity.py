@@ -245,6 +245,10 @@ def main() -> None:
     title = (f"KV-cache fidelity, {'small' if args.small else 'full'} scale, bundled default model, {device}, "
              f"torch {torch.__version__}, {datetime.date.today()}")
     md, notes = summarize(results, rulers, eos)
+    k = int(PASSKEY_GEN * scale.sparse["skip"]) + 1
+    notes.append(f"SparseD on a {PASSKEY_GEN}-token passkey answer: exact mode selects at step {k}; cache modes at "
+                 f"the first refresh at or after it, step {-(-k // args.block) * args.block} (refreshes every "
+                 f"{args.block} steps), so a cache mode's first block is decoded with dense attention.")
     text = "\n".join([f"### {title}", "",
                       f"{samples} passkey prompts per length ({PASSKEY_GEN} tokens), RULER tasks "
                       f"{', '.join(args.ruler_tasks)} with {ruler_samples} samples each per length; greedy, one "
