@@ -20,7 +20,8 @@ class LLM:
 
     Keyword arguments are those of EngineConfig: dtype, device, max_model_len, attention_backend,
     attention_config, mask_pool_bytes, load_format, trust_remote_code, sequence_parallel_size,
-    distributed_executor_backend, ... Workers and devices are released by `shutdown()`, at the end
+    distributed_executor_backend, kv_cache (throughput mode: "none", "prefix" or "dual"), kv_cache_bytes,
+    kv_cache_memory_fraction, kv_cache_page_size, ... Workers and devices are released by `shutdown()`, at the end
     of a `with LLM(...) as llm:` block, when the object is collected, or at interpreter exit.
     """
 
