@@ -8,6 +8,7 @@ step times. Prints a table and writes it (e2e.md, for benchmarks/RESULTS.md) and
 
     python benchmarks/e2e.py --lengths 16384 32768 65536 --full-run 16384 --out $OUT
     python benchmarks/e2e.py --lengths --full-run --profile 32768   # where a step's time goes
+    python -m benchmarks.e2e --kv --out $OUT   # throughput mode (dual KV cache) vs exact: benchmarks/e2e_kv.py
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from pathlib import Path
 import torch
 
 from attention_backends.sdpa import SDPA_ENV
-from benchmarks.llada8b import prompt_ids, write_model_dir
+from benchmarks import e2e_kv
+from benchmarks.llada8b import kv_pool_bytes, prompt_ids, write_model_dir
 from benchmarks.steps import median_of, timed_steps
 from sparsed_engine import LLM, SamplingParams
+from sparsed_engine.config import DEFAULT_MODEL
 
 SPARSE = {"skip": 0.2, "select": 0.3, "block_size": 128}
 GEN = 128
@@ -105,9 +108,18 @@ def main():
     ap.add_argument("--full-run", type=int, nargs="*", default=[16384])
     ap.add_argument("--profile", type=int, nargs="*", default=[], help="lengths to profile a step of")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--kv", action="store_true", help="measure throughput mode instead (benchmarks/e2e_kv.py): "
+                    "exact vs dual KV cache, dense and SparseD, 1,024-step totals; --full-run runs the cache modes")
+    ap.add_argument("--kv-gen", type=int, default=1024, help="--kv: tokens generated in the 1,024 steps")
+    ap.add_argument("--kv-block", type=int, default=32, help="--kv: semi-AR block (one refresh per block)")
+    ap.add_argument("--kv-steps", type=int, default=1024, help="--kv: steps of the generation")
+    ap.add_argument("--toy", action="store_true", help="--kv on CPU: the bundled model with random weights, "
+                    "a 128-token canvas, 32 tokens in 32 steps, block 8 (checks the script runs; its times mean nothing)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.kv:
+        return run_kv(args, out)
     gpu = torch.cuda.get_device_name()
     with tempfile.TemporaryDirectory() as tmp:
         llm = LLM(model=str(write_model_dir(Path(tmp))), load_format="dummy", dtype="bfloat16",
@@ -156,6 +168,24 @@ def main():
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "e2e.png", dpi=120)
+
+
+def run_kv(args, out: Path) -> None:
+    sparse, gen, block, steps, warm = SPARSE, args.kv_gen, args.kv_block, args.kv_steps, 4096
+    if args.toy:
+        args.lengths, args.full_run, warm = [128], [128], 128
+        sparse, gen, block, steps = {**SPARSE, "block_size": 32}, 32, 8, 32
+    longest = max(args.lengths + args.full_run + [warm])
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(DEFAULT_MODEL) if args.toy else str(write_model_dir(Path(tmp)))
+        dtype = "float32" if args.toy else "bfloat16"
+        pool = kv_pool_bytes(model, longest, 1, 4 if args.toy else 2)   # one request of the longest canvas
+        llm = LLM(model=model, load_format="dummy", dtype=dtype, device="cpu" if args.toy else "auto",
+                  attention_backend="sparsed", attention_config=sparse, max_model_len=longest, kv_cache_bytes=pool)
+        e2e_kv.warm_up(llm, warm, gen, block, steps, sparse)
+        rows = [e2e_kv.measure(llm, n, gen, block, steps, sparse) for n in args.lengths]
+        fulls = [e2e_kv.full_run(llm, n, gen, block, steps, sparse) for n in args.full_run]
+    print(e2e_kv.write(rows, fulls, gen, block, steps, sparse, pool / 2**30, out))
 
 
 if __name__ == "__main__":

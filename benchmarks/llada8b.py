@@ -4,6 +4,7 @@ prompt's content does not change the work, so the prompts are generated here too
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -56,3 +57,12 @@ def prompt_ids(tokenizer, n: int) -> list[int]:
     """The first n tokens of the generated text (repeated if it is shorter)."""
     ids = tokenizer.encode(long_text(), add_special_tokens=False)
     return (ids * (n // len(ids) + 1))[:n]
+
+
+def kv_pool_bytes(model_dir: str, canvas: int, requests: int, itemsize: int, page: int = 64) -> int:
+    """KV pool bytes (LLM(kv_cache_bytes=...)) holding `requests` canvases of `canvas` tokens in
+    pages of `page` tokens (the engine's default page size), one spare page each, from an LLaDA
+    config.json: K and V of every layer and KV head."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    per_token = 2 * cfg["n_layers"] * cfg["n_kv_heads"] * (cfg["d_model"] // cfg["n_heads"]) * itemsize
+    return requests * (math.ceil(canvas / page) + 1) * page * per_token
