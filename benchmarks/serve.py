@@ -58,6 +58,8 @@ class Server:
                "--max-model-len", str(args.prompt_len + args.max_tokens), "--attention-backend", backend]
         if BACKEND_CONFIG[backend] is not None:
             cmd += ["--attention-config", json.dumps(BACKEND_CONFIG[backend])]
+        if args.kv_cache not in (None, "none"):
+            cmd += ["--kv-cache", args.kv_cache]   # the engine allocates its KV pool only when asked
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.pop("SPARSED_API_KEY", None)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -181,7 +183,7 @@ def run_offline(model: str, backend: str, prompts: list[list[int]], args) -> dic
 
     llm = LLM(model=model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.prompt_len + args.max_tokens, attention_backend=backend,
-              attention_config=BACKEND_CONFIG[backend])
+              attention_config=BACKEND_CONFIG[backend], kv_cache=args.kv_cache or "none")
     extra = extra_fields(args)
     params = [SamplingParams(max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length, seed=i,
                              **extra) for i in range(len(prompts))]
