@@ -65,7 +65,7 @@ class EngineConfig(StrictModel):
     setting it allocates the pool even when kv_cache is none (for requests that ask for a cache)."""
     kv_cache_memory_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Fraction of the device memory left free by the model and the pattern pool that the KV pool
-    takes when kv_cache_bytes is None."""
+    takes when kv_cache_bytes is None (never more pages than the token budget could fill)."""
     kv_cache_page_size: PositiveInt = 64
     """Tokens per KV page (the unit of allocation of the KV pool)."""
     max_num_seqs: PositiveInt = 256

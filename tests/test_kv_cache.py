@@ -380,3 +380,17 @@ def test_sequence_parallel_equals_one_rank(tiny_dream_dir):
         assert stats["kv_allocated_bytes"] == 2 * stats["capacity_bytes"] > 0
         _assert_pools_empty(two)
     assert got == want
+
+
+def test_fraction_sized_pool_is_capped_at_what_the_token_budget_can_fill(tiny_llada_dir):
+    """kv_cache_memory_fraction of free memory, but no more pages than the scheduler could ever
+    use (here a 12 GB CPU pool would otherwise be zeroed for a tiny model); a longest request fits."""
+    with LLM(model=str(tiny_llada_dir), kv_cache="dual", max_num_batched_tokens=512, max_num_seqs=2,
+             max_model_len=256) as llm:
+        bm = llm.llm_engine.scheduler.block_manager
+        assert bm.kv.num_blocks == -(-512 // 64) + 2 * 2
+        prompt = list(range(5, 37))    # 32 tokens + 224 generated = max_model_len, two CFG rows
+        longest = SamplingParams(max_tokens=224, steps=7, block_length=32, cfg_scale=1.0)
+        out = llm.generate([prompt], longest, use_tqdm=False)[0]
+        assert out.outputs[0].finish_reason in ("length", "stop")
+        _assert_pools_empty(llm)

@@ -56,9 +56,10 @@ class LLMEngine:
                           else self.executor.available_pool_bytes(config.mask_pool_fraction))
             num_blocks = pool_bytes // block_bytes
         self.executor.init_pool(PoolSpec(num_blocks, block_bytes))
+        self.max_num_batched_tokens = config.max_num_batched_tokens or max(16384, self.max_model_len)
         self.scheduler = Scheduler(
             self._block_manager(num_blocks, block_bytes), self.backend_cls, config.max_num_seqs,
-            config.max_num_batched_tokens or max(16384, self.max_model_len))
+            self.max_num_batched_tokens)
         eos = set(self.info.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -75,11 +76,20 @@ class LLMEngine:
         enabled = cfg.wants_kv_pool and self.backend_cls.supports_kv_cache
         num_pages = 0
         if enabled:
-            pool_bytes = (cfg.kv_cache_bytes if cfg.kv_cache_bytes is not None
-                          else self.executor.available_pool_bytes(cfg.kv_cache_memory_fraction))
-            num_pages = pool_bytes // page_bytes
+            if cfg.kv_cache_bytes is not None:
+                num_pages = cfg.kv_cache_bytes // page_bytes
+            else:   # a fraction of free memory, but never more than the scheduler could fill
+                num_pages = min(self.executor.available_pool_bytes(cfg.kv_cache_memory_fraction) // page_bytes,
+                                self._max_useful_kv_pages(page_size))
             self.executor.init_kv_pool(KVPoolSpec(num_pages, page_size))
         return BlockManager(num_blocks, block_bytes, num_pages, page_bytes, page_size, enabled)
+
+    def _max_useful_kv_pages(self, page_size: int) -> int:
+        """Pages the running batch can hold at most: admission keeps its canvas tokens within the
+        token budget (a lone request may exceed it, up to two rows of max_model_len), and each
+        canvas row rounds up to whole pages (at most one partial page per row, two rows a request)."""
+        tokens = max(self.max_num_batched_tokens, 2 * self.max_model_len)
+        return -(-tokens // page_size) + 2 * self.config.max_num_seqs
 
     # ---------------------------------------------------------------- requests
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
