@@ -22,8 +22,7 @@ class RowBounds:
     cached: PagedCall | None = None     # throughput mode: the cached rows, attended from the pool
 
     @classmethod
-    def of(cls, rows: list[RowSpec]) -> "RowBounds":
-        starts = packed_starts(rows)
+    def of(cls, rows: list[RowSpec], starts: list[int]) -> "RowBounds":
         whole = [i for i, r in enumerate(rows) if r.computed is None]
         return cls(tuple(starts[i] for i in whole), tuple(rows[i].length for i in whole))
 
@@ -33,10 +32,10 @@ class DenseBackend(AttentionBackend):
     supports_kv_cache = True
 
     def build_metadata(self, rows: list[RowSpec]) -> RowBounds:
-        bounds = RowBounds.of(rows)
+        starts = packed_starts(rows)
+        bounds = RowBounds.of(rows, starts)
         if not check_kv_rows(self, rows):
             return bounds
-        starts = packed_starts(rows)
         cached = [i for i, r in enumerate(rows) if r.computed is not None]
         return RowBounds(bounds.starts, bounds.lengths, KVWrites.of(rows, starts, self.kv_page_size, self.device),
                          PagedCall.of(rows, starts, cached, self.device) if cached else None)

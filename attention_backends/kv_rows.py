@@ -101,8 +101,8 @@ class PagedCall:
     span: tuple[int, int] | None        # their query tokens' range in the packed batch when contiguous
     token_idx: torch.Tensor | None      # otherwise their indices
     page_table: torch.Tensor            # int32 [R, max_pages], device
-    # Host tensors (the kernel plans its work from them on the CPU), the same objects for every
-    # layer of the step, so the kernel builds that plan once per step:
+    # Host tensors (the kernel plans its work from their values on the CPU, once per step: every
+    # layer passes the same values):
     cu_q: torch.Tensor                  # int32 [R+1]: the rows' fresh queries in the call's q
     q_start: torch.Tensor               # int32 [R]: first computed canvas position of each row
     kv_len: torch.Tensor                # int32 [R]: canvas length of each row

@@ -296,6 +296,6 @@ class SparseDBackend(AttentionBackend):
             width = max(r.nb for r in members)
             lists = [sparse_ops.pattern_lists(self.load_bits(r, layer)[:, b0:b1], r.nb, width, call.kernel)
                      for r, (b0, b1) in zip(members, call.q_blocks)]
-            kv_num = torch.cat([n for n, _ in lists], dim=1)
-            kv_idx = torch.cat([i for _, i in lists], dim=1)
+            kv_num, kv_idx = lists[0] if len(lists) == 1 else (torch.cat([n for n, _ in lists], dim=1),
+                                                               torch.cat([i for _, i in lists], dim=1))
         call(q, self.k_cache[layer], self.v_cache[layer], self.layout.scale, out, kv_num, kv_idx)

@@ -247,3 +247,20 @@ def test_plan_accepts_inference_tensors_and_keys_on_values():
         kl[0] = 47
         out = paged_attention(q, kc, vc, pt, cu, qs, kl, SCALE, split_keys=16)
         torch.testing.assert_close(out, paged_attention_ref(q, kc, vc, pt, cu, qs, kl, SCALE))
+
+
+def test_alternating_calls_of_a_step_each_build_their_plan_once(monkeypatch):
+    # a step with dense and sparse cached rows makes two calls per layer: neither may rebuild per layer
+    import attention_backends.ops.paged_attn as pa
+    built = []
+    real = pa._plan
+    monkeypatch.setattr(pa, "_plan", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    monkeypatch.setattr(pa, "_PLANS", pa._RecentPlans())
+    gen = torch.Generator().manual_seed(11)
+    a = on_device(paged_case([(10, 20, 60)], 2, 2, 16, 16, torch.float32, gen))
+    b = on_device(paged_case([(3, 9, 40), (0, 5, 33)], 2, 2, 16, 16, torch.float32, gen))
+    for _ in range(3):   # three "layers"
+        for args in (a, b):
+            torch.testing.assert_close(paged_attention(*args, SCALE, split_keys=16),
+                                       paged_attention_ref(*args, SCALE))
+    assert len(built) == 2

@@ -283,26 +283,31 @@ def _plan(cu, starts, lens, t, max_pages, page_size, block_size, rows_cap, heads
     return plan, len(fields), len(comb), block_m
 
 
-class _LastPlan:
-    """The last call's plan and its device copy: every layer of a step passes the same metadata,
-    so the plan is built (host work, one copy) once per step, not once per layer. It is keyed on
-    a copy of the metadata's values (a few ints per row), so an edit in place or a new tensor with
-    other values rebuilds it, inference tensors (which keep no version counter) included."""
+class _RecentPlans:
+    """The plans (and their device copies) of the last few distinct calls: every layer of a step
+    passes the same metadata, and a step may hold a few calls (dense and sparse cached rows), so
+    each plan is built (host work, one copy) once per step, not once per layer. Keyed on a copy of
+    the metadata's values (a few ints per row), so an edit in place or a new tensor with other
+    values builds afresh, inference tensors (which keep no version counter) included."""
 
-    def __init__(self):
-        self.tensors, self.params, self.value = (), None, None
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.entries: list[tuple[tuple, object, object]] = []   # (tensors, params, plan), newest last
 
     def get(self, tensors, params, build):
-        if self.value is None or params != self.params or len(tensors) != len(self.tensors) or not all(
-                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-                for a, b in zip(tensors, self.tensors)):
-            self.value = None             # a failed build must not leave a stale plan behind
-            self.value = build()
-            self.tensors, self.params = tuple(x.clone() for x in tensors), params
-        return self.value
+        for i, (keys, p, value) in enumerate(self.entries):
+            if p == params and len(keys) == len(tensors) and all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                    for a, b in zip(tensors, keys)):
+                self.entries.append(self.entries.pop(i))
+                return value
+        value = build()                   # a failed build leaves nothing behind
+        self.entries.append((tuple(x.clone() for x in tensors), params, value))
+        del self.entries[:-self.size]
+        return value
 
 
-_PLANS = _LastPlan()
+_PLANS = _RecentPlans()
 
 
 def paged_attention(q, k_cache, v_cache, page_table, cu_q, q_start, kv_len, scale: float,
