@@ -52,8 +52,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def dense_attention_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dense attention plus each query's natural-log log-sum-exp [Hq, L] when a CUDA kernel
-    returns it for free (cuDNN or flash); (out, None) elsewhere."""
-    if q.is_cuda and os.environ.get(SDPA_ENV) in (None, "", "cudnn", "flash"):
+    returns it for free (cuDNN or flash); (out, None) elsewhere. Only for half precision: called
+    directly, the cuDNN op does not refuse float32 but returns garbage (NaN on an H200)."""
+    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get(SDPA_ENV) in (None, "", "cudnn", "flash")):
         qh, kh, vh = (t.contiguous() for t in _heads_first(q, k, v))
         ops = [("cudnn", lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
                     qh, kh, vh, None, True, 0.0, False, False, scale=scale)),

@@ -63,8 +63,8 @@ class _Restated(AttentionBackend):
     the torch reference functions; SPARSE masks each query to the kept tiles of its query block."""
     name = "restated"
 
-    def __init__(self, layout, prompt_len: int, canvas_len: int, cfg: SparseDConfig | None):
-        super().__init__(layout, torch.device("cpu"), torch.float32)
+    def __init__(self, layout, prompt_len: int, canvas_len: int, cfg: SparseDConfig | None, device):
+        super().__init__(layout, device, torch.float32)
         self.prompt_len, self.canvas_len, self.cfg = prompt_len, canvas_len, cfg
         self.k, self.v, self.keep = {}, {}, {}
         self.span, self.phase = None, DENSE
@@ -86,8 +86,8 @@ class _Restated(AttentionBackend):
         scores = torch.einsum("qhd,khd->hqk", q.float(), keys.float()) * self.layout.scale
         if self.phase == SPARSE:
             bs = self.cfg.block_size
-            qb = torch.arange(s, s + q.shape[0]) // bs
-            kb = torch.arange(self.canvas_len) // bs
+            qb = torch.arange(s, s + q.shape[0], device=q.device) // bs
+            kb = torch.arange(self.canvas_len, device=q.device) // bs
             scores = scores.masked_fill(~self.keep[layer][:, qb][:, :, kb], float("-inf"))
         return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values.float()).to(q.dtype)
 
@@ -124,14 +124,15 @@ def restated_generate(llm, prompt: str, params: SamplingParams, mode: str) -> li
     model = eng.executor.worker.model
     den, mask = eng.denoiser, eng.info.mask_token_id
     policy = den.resolve_policy(params, eng.info.generation_config)
+    dev = next(model.parameters()).device   # the worker's device: on a GPU the engine runs there
     ids = eng.tokenizer.encode(prompt)
-    x = torch.tensor(ids + [mask] * params.max_tokens)
+    x = torch.tensor(ids + [mask] * params.max_tokens, device=dev)
     P, L, shift = len(ids), x.numel(), model.logits_shift
     cfg = eng.backend_cls.resolve_config(eng.config.attention_config, params.attention_config) \
         if eng.backend_cls.keeps_patterns else None
     sparse = cfg is not None and not cfg.keeps_all and cfg.select_step(params.steps) < params.steps
-    rb = _Restated(eng.layout, P, L, cfg)
-    gen = torch.Generator().manual_seed(params.seed)
+    rb = _Restated(eng.layout, P, L, cfg, dev)
+    gen = torch.Generator(device=dev).manual_seed(params.seed)
     step = block = in_block = 0
     refreshed_block, selected = None, False
     while block < params.num_blocks:
@@ -145,13 +146,14 @@ def restated_generate(llm, prompt: str, params: SamplingParams, mode: str) -> li
             rb.span = None if refresh else (lo - shift, hi if mode == "dual" else L)
             s, e = rb.span or (0, L)
             with _attending_with(model, rb):
-                hidden = model(x[s:e], torch.arange(s, e), None)
-            logits = model.compute_logits(hidden, torch.tensor(masked) - s).float()
+                hidden = model(x[s:e], torch.arange(s, e, device=dev), None)
+            at = torch.tensor(masked, device=dev)
+            logits = model.compute_logits(hidden, at - s).float()
             logits[:, mask] = -float("inf")
             rs = RequestSampling("r", 0, params.seed, policy, n, prob, params.temperature, params.top_p,
                                  params.top_k, params.alg_temp, 0.0, 1, params.threshold)
             idx, tok = den.unmask(logits, rs, gen)
-            x[torch.tensor(masked)[idx]] = tok
+            x[at[idx]] = tok
             refreshed_block = block
             selected = selected or rb.phase == SELECT
         step, in_block = step + 1, in_block + 1
