@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--prompts-per-task", type=int, default=4)
     ap.add_argument("--only", nargs="+", default=None, help="frontier settings whose label contains one of these")
+    ap.add_argument("--train-args", default="",
+                    help="more examples/train_long_dlm.py arguments, e.g. '--init-from sparsed_engine/default_model'")
     ap.add_argument("--toy", action="store_true", help="CPU smoke: toy model, 256-token rows, three settings")
     args = ap.parse_args()
     out = Path(args.out)
@@ -46,7 +49,8 @@ def main() -> None:
 
     train_minutes = max(args.max_minutes - args.eval_minutes, 0.1)
     targs = train_long_dlm.parser().parse_args(["--out", args.model_dir, "--device", args.device,
-                                                "--max-minutes", str(train_minutes)])
+                                                "--max-minutes", str(train_minutes)]
+                                               + shlex.split(args.train_args))
     block, lengths, only, per_task = 128, args.lengths, args.only, args.prompts_per_task
     if args.toy:
         train_long_dlm.apply_toy(targs)

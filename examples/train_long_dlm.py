@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import random
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from examples.train_tiny_dlm import (RowsSDPA, TrainingData, attention_entropy, init_weights, llada_config,
@@ -73,21 +75,40 @@ def stdlib_tokens(tok: Tokenizer) -> np.ndarray:
     return np.asarray([i for enc in tok.encode_batch(docs) for i in enc.ids + [eos]], dtype=np.uint16)
 
 
+def warm_start(model: LLaDAModelLM, src: Path) -> None:
+    """Every weight from the checkpoint in `src` (strict: the architecture must be the same)."""
+    weights = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        weights |= load_file(str(shard))
+    if not weights:
+        raise FileNotFoundError(f"--init-from {src}: no *.safetensors there")
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+
+
 def train(args, log=print) -> Path:
     """Both phases, then the checkpoint in args.out; returns it."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    tok = Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json"))
+    source = Path(args.init_from) if args.init_from else DEFAULT_MODEL   # tokenizer (and weights if warm)
+    tok = Tokenizer.from_file(str(source / "tokenizer.json"))
     t_data = time.time()
     data = LongTrainingData(stdlib_tokens(tok), tok, args.retrieval_fraction, args.seed)
     log(f"corpus: {len(data.tokens) / 1e6:.1f}M stdlib tokens ({time.time() - t_data:.0f}s to tokenize)")
     args.max_len = args.long_len
     args.rope_theta = args.rope_theta_long   # what config.json states: the final model's base
-    config = llada_config(args, tok)
+    if args.init_from:   # the source's architecture; only the context length and RoPE base change
+        config = json.loads((source / "config.json").read_text()) | {
+            "max_sequence_length": args.long_len, "rope_theta": args.rope_theta_long}
+    else:
+        config = llada_config(args, tok)
     mask_id = config["mask_token_id"]
     model = LLaDAModelLM(config, RowsSDPA(LLaDAModelLM.attention_layout(config), device, torch.bfloat16))
     model.args = dataclasses.replace(model.args, rope_theta=args.rope_theta_short)
-    init_weights(model, args.n_layers, args.seed)
+    if args.init_from:
+        warm_start(model, source)
+        log(f"warm start from {source} (d_model {config['d_model']}, {config['n_layers']} layers)")
+    else:
+        init_weights(model, args.n_layers, args.seed)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"params {n_params / 1e6:.1f}M, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
@@ -138,7 +159,7 @@ def train(args, log=print) -> Path:
     row = data.batch(1, min(1024, args.seq_len))[0][0].to(device)
     log("attention entropy per layer: " + " ".join(f"{e:.2f}" for e in attention_entropy(model, row, mask_id)))
     out = Path(args.out)
-    save_checkpoint(model, config, tok, DEFAULT_MODEL, out, args.shard_mb)
+    save_checkpoint(model, config, tok, source, out, args.shard_mb)
     log(f"saved {out} after {step} steps, {time.time() - t0:.0f}s")
     return out
 
@@ -148,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--init-from", default=None,
+                    help="warm start: a checkpoint folder whose architecture, weights and tokenizer are "
+                         "extended to --long-len (the --d-model/--n-layers/--mlp-hidden sizes are then unused)")
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--n-layers", type=int, default=8)
     ap.add_argument("--mlp-hidden", type=int, default=1536)
