@@ -2,7 +2,7 @@
 
 Settings (in this order, so a time-limited run keeps the most telling rows): dense; SparseD at the
 paper's settings (skip 0.2, select 0.3, block 128); adaptive selection at mass 0.9 / 0.95 / 0.98;
-select 0.1 / 0.2 / 0.5; block 32 / 64; skip 0 / 0.1 / 0.3; both selection scales; the two ablations
+select 0.1 / 0.2 / 0.5; block 32 / 64; skip 0 / 0.1 / 0.3 (and 0 / 0.1 at select 0.2); both selection scales; the two ablations
 (sparse from step 0, sliding window at SparseD's density). At each length (4k / 8k / 16k):
 
   score     the suite's average (sparsed_engine/evaluation/ruler.py) with a 95% interval over its
@@ -58,6 +58,8 @@ def settings(block: int = 128) -> list[Setting]:
             + [sd(f"select={s} bs={block}", select=s) for s in (0.1, 0.2, 0.5)]
             + [sd(f"block={b} select=0.3", block_size=b) for b in (block // 4, block // 2)]
             + [sd(f"skip={s} select=0.3 bs={block}", skip=s) for s in (0.0, 0.1, 0.3)]
+            # fewer tiles with an earlier selection: the skip that a 2x-at-64k setting needs
+            + [sd(f"skip={s} select=0.2 bs={block}", skip=s, select=0.2) for s in (0.0, 0.1)]
             + [sd(f"selection_scale={s} select=0.3 bs={block}", selection_scale=s) for s in ("num_heads", "head_dim")]
             + [Setting(f"ablation: sparse from step 0, select=0.3 bs={block}", "sparsed_step0", paper),
                Setting(f"ablation: sliding window at SparseD density, bs={block}", "sparsed_window", paper)])
@@ -206,6 +208,27 @@ def write(run_out: dict, out: Path, title: str) -> str:
     return md
 
 
+def load(path: Path) -> dict:
+    """frontier.json with its lengths as ints again (JSON keys are strings)."""
+    run_out = json.loads(Path(path).read_text())
+    run_out["results"] = {label: {int(n): c for n, c in row.items()} for label, row in run_out["results"].items()}
+    run_out["diagnostics"] = {int(n): d for n, d in run_out.get("diagnostics", {}).items()}
+    return run_out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """`extra`'s rows added to `base`: a frontier measured in parts (each GPU call has a time box).
+    The paired tests compare every row with base's dense, so both runs must have scored the same
+    prompts: their dense rows must match sample for sample."""
+    for n, cell in extra["results"]["dense"].items():
+        mine = base["results"]["dense"].get(n)
+        if mine is None or mine["full_match"] != cell["full_match"]:
+            raise ValueError(f"dense @ {n} differs between the runs (other prompts or another model): not merged")
+    rows = {k: v for k, v in extra["results"].items() if k != "dense"}
+    return {**base, "results": {**base["results"], **rows}, "settings": {**base["settings"], **extra["settings"]},
+            "diagnostics": {**base["diagnostics"], **extra["diagnostics"]}, "stopped_early": extra["stopped_early"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -217,11 +240,22 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--no-diagnostics", action="store_true")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--merge-into", default=None,
+                    help="an earlier frontier.json (same model, prompts and lengths): write it with this run's rows added")
     args = ap.parse_args()
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     run_out = run(args.model, args.lengths, args.prompts_per_task, args.device, args.max_minutes, args.only,
                   args.block, diagnostics=not args.no_diagnostics)
     title = f"Frontier, {Path(args.model).name}, {args.prompts_per_task} prompts per task, {device_name}"
+    if args.merge_into:
+        base = load(Path(args.merge_into))
+        added = sorted(set(run_out["results"]) - {"dense"})
+        base_title = base.pop("title", title)
+        try:
+            run_out, title = merge(base, run_out), f"{base_title}; rows {added} from a second run"
+        except ValueError as e:   # keep this run's rows: written alone, and said why
+            print(f"{args.merge_into}: {e}")
+            title += f" (not merged into {args.merge_into}: {e})"
     print(f"\n{title}\n{write(run_out, Path(args.out), title)}")
 
 

@@ -60,6 +60,8 @@ class Server:
             cmd += ["--attention-config", json.dumps(BACKEND_CONFIG[backend])]
         if args.kv_cache not in (None, "none"):
             cmd += ["--kv-cache", args.kv_cache]   # the engine allocates its KV pool only when asked
+        if args.max_num_batched_tokens is not None:
+            cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         env.pop("SPARSED_API_KEY", None)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -183,7 +185,8 @@ def run_offline(model: str, backend: str, prompts: list[list[int]], args) -> dic
 
     llm = LLM(model=model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=args.prompt_len + args.max_tokens, attention_backend=backend,
-              attention_config=BACKEND_CONFIG[backend], kv_cache=args.kv_cache or "none")
+              attention_config=BACKEND_CONFIG[backend], kv_cache=args.kv_cache or "none",
+              max_num_batched_tokens=args.max_num_batched_tokens)
     extra = extra_fields(args)
     params = [SamplingParams(max_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length, seed=i,
                              **extra) for i in range(len(prompts))]
@@ -324,6 +327,9 @@ def main():
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the engine's token budget, server and offline alike (default: the engine's); "
+                         "num-requests x (prompt-len + max-tokens) runs every request in one batch")
     ap.add_argument("--kv-cache", choices=["none", "prefix", "dual"], default=None,
                     help="send the request field kv_cache (default: not sent, the server's default)")
     ap.add_argument("--threshold", type=float, default=None,

@@ -180,3 +180,21 @@ def test_toy_run_end_to_end(tmp_path, tiny_llada_dir):
     assert [r["counts"]["sparse"] for r in data["rows"]] == [0, 0, 818, 818]
     md = (tmp_path / "out" / "equal_fidelity.md").read_text()
     assert "| adaptive mass=0.9 bs=64 | 0.150 | PASS |" in md and "at equal fidelity: the target" in md
+
+
+def test_frontier_runs_in_parts_merge_only_on_the_same_prompts(tmp_path):
+    from benchmarks.frontier import load, merge
+    first, second = synthetic_frontier(FRONTIER[:2]), synthetic_frontier(FRONTIER[2:4])
+    for run in (first, second):
+        run["diagnostics"], run["stopped_early"] = {}, False
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    merged = merge(load(tmp_path / "a.json"), load(tmp_path / "b.json"))
+    assert sorted(merged["results"]) == sorted(["dense"] + [r[0] for r in FRONTIER[:4]])
+    assert set(merged["settings"]) >= {r[0] for r in FRONTIER[:4]}
+    assert sorted(merged["results"]["dense"]) == list(LENGTHS)   # ints again, in length order
+    assert {c.label for c in judge(merged) if c.passed} == {FRONTIER[0][0], FRONTIER[1][0]}
+    other = load(tmp_path / "b.json")
+    other["results"]["dense"][512]["full_match"] = losing(1)      # another set of prompts
+    with pytest.raises(ValueError, match="dense @ 512 differs"):
+        merge(load(tmp_path / "a.json"), other)
