@@ -20,6 +20,8 @@ Prints the table, writes kv_fidelity.md / .json / .png under --out.
 
     python -m benchmarks.kv_fidelity --out $OUT               # GPU, full scale (~3 min on an H200)
     python -m benchmarks.kv_fidelity --small --out /tmp/kvf   # CPU, small scale (256/512 tokens)
+    python -m benchmarks.kv_fidelity --model DIR --lengths 4096 8192 16384 --ruler-lengths 8192 \
+        --samples 48 --block-size 128 --out $OUT            # the long-context model (issue 12's)
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import datetime
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -197,6 +199,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--small", action="store_true", help="CPU scale: 256/512-token canvases, few samples")
+    ap.add_argument("--model", default=str(DEFAULT_MODEL),
+                    help="model folder (default: the bundled model; e.g. benchmarks/long_fidelity.py's long-context one)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="passkey lengths (default: the scale's)")
+    ap.add_argument("--ruler-lengths", type=int, nargs="*", default=None, help="RULER lengths (default: the scale's)")
+    ap.add_argument("--block-size", type=int, default=None, help="SparseD's block size (default: the scale's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--samples", type=int, default=None, help="passkey prompts per length")
     ap.add_argument("--ruler-samples", type=int, default=None, help="RULER samples per task and length")
@@ -210,6 +217,10 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     scale = SMALL if args.small else FULL
+    scale = replace(
+        scale, lengths=tuple(args.lengths or scale.lengths),
+        ruler_lengths=tuple(scale.ruler_lengths if args.ruler_lengths is None else args.ruler_lengths),
+        sparse={**scale.sparse, **({} if args.block_size is None else {"block_size": args.block_size})})
     if args.max_minutes is None and not args.small:
         args.max_minutes = 2.5
     samples = args.samples or scale.samples
@@ -217,7 +228,7 @@ def main() -> None:
     modes = [m for m in MODES if m is MODES[0] or not args.only or any(o in m.label for o in args.only)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = str(DEFAULT_MODEL)
+    model = args.model
     tokenizer = load_tokenizer(model)
     stream = heldout_stream(tokenizer)
     passkeys = {n: passkey_prompts(tokenizer, stream, n, samples, PASSKEY_GEN, n) for n in scale.lengths}
@@ -242,7 +253,8 @@ def main() -> None:
     llm.shutdown()
     device = torch.cuda.get_device_name() if cuda else "CPU"
     sp = ", ".join(f"{k} {v}" for k, v in scale.sparse.items())
-    title = (f"KV-cache fidelity, {'small' if args.small else 'full'} scale, bundled default model, {device}, "
+    name = "bundled default model" if Path(model).resolve() == DEFAULT_MODEL.resolve() else Path(model).name
+    title = (f"KV-cache fidelity, {'small' if args.small else 'full'} scale, {name}, {device}, "
              f"torch {torch.__version__}, {datetime.date.today()}")
     md, notes = summarize(results, rulers, eos)
     k = int(PASSKEY_GEN * scale.sparse["skip"]) + 1
