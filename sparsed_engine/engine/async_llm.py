@@ -8,7 +8,7 @@ with (requests still being validated, or arriving less than `burst_gap_s` apart,
 `admission_window_s`), so requests sent together start in the same step and run as one batch.
 
 `from_engine_args` builds the engine on the loop thread itself, so that all of the engine's torch
-work (loading, steps) runs in one thread. With OpenMP (torch's CPU threads), every thread that runs a
+work (loading, steps, and the executor's shutdown) runs in one thread. With OpenMP (torch's CPU threads), every thread that runs a
 parallel region keeps its own pool of worker threads, and once the pools together outnumber the cores,
 libgomp stops spinning and wakes its workers through the kernel in every region: measured on CPU, an
 engine loaded in the main thread and stepped in the loop thread took 1.6x as long per step as
@@ -244,14 +244,14 @@ class AsyncLLM:
             await self.run_in_loop(lambda engine: engine.get_stats())
 
     def shutdown(self) -> None:
-        """Stop the loop (pending requests end with EngineDeadError) and release the executor; idempotent."""
+        """Stop the loop (pending requests end with EngineDeadError); the loop thread releases the
+        executor on its way out (a dead loop already has). Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._thread.is_alive():
             self._commands.put(("stop", None))
             self._thread.join()
-        self.engine.shutdown()
 
     def _check_accepting(self) -> None:
         if not self.is_healthy:
@@ -299,6 +299,10 @@ class AsyncLLM:
                 stream.put(err)
             self._streams.clear()
             self._fail_commands(err)
+        finally:
+            # the thread that built the engine releases it: a Ray started here and shut down from
+            # another thread left Ray's core in this process asking for its GCS, then aborting it
+            engine.shutdown()
 
     def _gather_burst(self, commands: list) -> None:
         """Requests sent together reach the loop a little apart (HTTP parsing, validation in other
