@@ -3,7 +3,7 @@ density frontier on it (benchmarks/frontier.py), inside one time box.
 
 Writes under --out: train_log.txt (the training log, the model's provenance with its seed),
 frontier.json, frontier.md and frontier.png. The checkpoint itself goes to --model-dir (outside
---out: ~60 MB in bf16).
+--out: 24 MB in bf16 for the warm start, ~60 MB from scratch).
 
 The default recipe extends the bundled 12M model (trained at 1-2k, retrieving there) to 16k
 (--train-args, WARM_START): from scratch, ~30M parameters never learned retrieval in the 6-minute box
