@@ -1,7 +1,6 @@
 """Sequence parallelism: rank layout and sharding, sharded workers against one worker (two gloo
 processes, no Ray), and the Ray and mp executors end to end (outputs, a killed worker, shutdown)."""
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from model_executor.step_input import RowInput, StepInput
 from model_executor.worker import Worker, WorkerConfig
 from sparsed_engine import LLM, SamplingParams
 from sparsed_engine.executor.base import ExecutorDeadError
+from tests.ports import free_ports
 from tests.tiny_checkpoints import write_tiny_dream
 
 try:
@@ -102,23 +102,13 @@ def _rank_main(rank: int, ports: list[int], cases: list, out_dir: str) -> None:
         worker.close()
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_sharded_workers_match_one_worker(tmp_path, tiny_llada_dir, tiny_dream_dir):
     """Logits agree with one worker, and each rank holds exactly its own heads' SparseD pattern,
     including Dream with a single KV head (replicated onto both ranks)."""
     dream_1kv = write_tiny_dream(tmp_path / "dream_1kv", num_key_value_heads=1)
     cases = [(tiny_llada_dir, "sparsed"), (tiny_dream_dir, "sparsed"), (dream_1kv, "sparsed"),
              (tiny_dream_dir, "dense")]
-    mp.spawn(_rank_main, args=(_free_ports(len(cases)), cases, str(tmp_path)), nprocs=SP)
+    mp.spawn(_rank_main, args=(free_ports(len(cases)), cases, str(tmp_path)), nprocs=SP)
     for i, (model_dir, backend) in enumerate(cases):
         one = _run(Worker(WorkerConfig(str(model_dir), torch.float32, "cpu", backend)), backend)
         ranks = [torch.load(tmp_path / f"{i}-{r}.pt") for r in range(SP)]

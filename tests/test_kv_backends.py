@@ -3,7 +3,6 @@ K/V in the paged pool; cached rows compute only their span, store its fresh K/V 
 whole row read back from the pool (densely, or over the stored SparseD pattern's tiles of their
 query blocks). Driven with hand-built steps on the tiny checkpoints, no engine."""
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from model_executor.model_loader import load_model, read_model_info
 from model_executor.parallel import DistributedInit
 from model_executor.step_input import RowInput, StepInput
 from model_executor.worker import Worker, WorkerConfig
+from tests.ports import free_ports
 from tests.tiny_checkpoints import write_tiny_dream
 
 BS, PAGE, STEPS, VOCAB, NUM_PAGES = 16, 8, 10, 300, 48
@@ -256,16 +256,6 @@ def _sp_sequence(rig: Rig) -> list[list[torch.Tensor]]:
     return out
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _sp_rank(rank: int, ports: list[int], cases: list, out_dir: str) -> None:
     torch.set_num_threads(1)
     for i, ((model_dir, backend), port) in enumerate(zip(cases, ports)):
@@ -281,7 +271,7 @@ def test_sequence_parallel_cached_steps_equal_one_rank(tmp_path, tiny_llada_dir,
     dream_1kv = write_tiny_dream(tmp_path / "dream_1kv", num_key_value_heads=1)
     cases = [(tiny_llada_dir, "sparsed"), (tiny_dream_dir, "sparsed"), (tiny_dream_dir, "dense"),
              (dream_1kv, "sparsed")]
-    mp.spawn(_sp_rank, args=(_free_ports(len(cases)), cases, str(tmp_path)), nprocs=SP)
+    mp.spawn(_sp_rank, args=(free_ports(len(cases)), cases, str(tmp_path)), nprocs=SP)
     for i, (model_dir, backend) in enumerate(cases):
         want = _sp_sequence(Rig(_worker(model_dir, backend), backend))
         got = torch.load(tmp_path / f"{i}-0.pt")

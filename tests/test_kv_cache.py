@@ -15,6 +15,7 @@ from attention_backends.sparsed_pattern import generation_block, select_tiles
 from model_executor.step_input import RequestSampling
 from sparsed_engine import LLM, SamplingParams
 from sparsed_engine.config import EngineConfig
+from tests.admission import second_waits_then_both_finish
 
 KV_BYTES = 4 << 20
 SPARSE_CFG = {"block_size": 16, "skip": 0.3, "select": 0.3}
@@ -268,14 +269,7 @@ def test_pool_full_waits_then_runs_and_too_big_is_refused(tiny_llada_dir):
     with LLM(model=str(tiny_llada_dir), kv_cache="dual", kv_cache_bytes=need * page_bytes) as llm:
         eng = llm.llm_engine
         assert eng.get_stats()["kv_pool"]["kv_allocated_bytes"] == need * page_bytes
-        eng.add_request(PROMPT, p)
-        eng.add_request(PROMPT, p)
-        eng.step()
-        assert len(eng.scheduler.running) == 1 and len(eng.scheduler.waiting) == 1
-        outs = []
-        while eng.has_unfinished_requests():
-            outs += eng.step()
-        assert len(outs) == 2 and outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+        second_waits_then_both_finish(eng, PROMPT, p)
         _assert_pools_empty(llm)
         with pytest.raises(ValueError, match=rf"needs {2 * need} KV pages .* holds {need} .*"
                                              rf"raise LLM\(kv_cache_bytes={need * page_bytes}\)"):

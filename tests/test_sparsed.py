@@ -7,6 +7,7 @@ import torch
 from attention_backends.base import DENSE, SELECT, SPARSE, AttentionLayout, PoolSpec, RowSpec
 from attention_backends.sparsed import SparseDBackend, SparseDConfig
 from sparsed_engine import LLM, SamplingParams
+from tests.admission import second_waits_then_both_finish
 
 
 def naive_importance(q, k, prompt_len, bs, scale):
@@ -267,13 +268,6 @@ def test_pool_full_waits_then_runs(tiny_llada_dir):
     need = probe.llm_engine.make_sequence(PROMPT, p).pattern_blocks_needed
     llm = LLM(model=str(tiny_llada_dir), mask_pool_bytes=need * 16, **small)
     eng = llm.llm_engine
-    eng.add_request(PROMPT, p)
-    eng.add_request(PROMPT, p)
-    eng.step()
-    assert len(eng.scheduler.running) == 1 and len(eng.scheduler.waiting) == 1
-    outs = []
-    while eng.has_unfinished_requests():
-        outs += eng.step()
-    assert len(outs) == 2 and outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    second_waits_then_both_finish(eng, PROMPT, p)
     with pytest.raises(ValueError, match="pattern needs .* raise LLM\\(mask_pool_bytes"):
         llm.generate(PROMPT * 4, SamplingParams(max_tokens=64, steps=8), use_tqdm=False)
