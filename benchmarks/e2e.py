@@ -23,6 +23,7 @@ import torch
 
 from attention_backends.sdpa import SDPA_ENV
 from benchmarks import e2e_kv
+from benchmarks.length_plot import plot_by_length
 from benchmarks.llada8b import kv_pool_bytes, prompt_ids, write_model_dir
 from benchmarks.steps import median_of, timed_steps
 from sparsed_engine import LLM, SamplingParams
@@ -151,23 +152,9 @@ def main():
     table = "\n".join(lines) + "\n"
     print(table)
     (out / "e2e.md").write_text(table)  # rows for benchmarks/RESULTS.md
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ns = [r["N"] // 1024 for r in rows]
-    for key, label in (("dense_cudnn", "dense step, cuDNN"), ("dense_fa2", "dense step, FA2"),
-                       ("sparse", "SparseD sparse step"), ("select", "SparseD selection step")):
-        ax.plot(ns, [r[key] for r in rows], marker="o", label=label)
-    ax.set_xlabel("canvas length (k tokens)")
-    ax.set_ylabel("seconds per step")
-    ax.set_title(f"LLaDA-8B shape, {gpu}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "e2e.png", dpi=120)
+    plot_by_length(rows, [("dense_cudnn", "dense step, cuDNN"), ("dense_fa2", "dense step, FA2"),
+                          ("sparse", "SparseD sparse step"), ("select", "SparseD selection step")],
+                   out / "e2e.png", "seconds per step", f"LLaDA-8B shape, {gpu}")
 
 
 def run_kv(args, out: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.length_plot import plot_by_length
 from benchmarks.llada8b import prompt_ids
 from benchmarks.steps import median_where, timed_kv_steps
 from sparsed_engine import LLM, SamplingParams
@@ -176,26 +177,9 @@ def write(rows: list[dict], fulls: list[dict], gen: int, block: int, steps: int,
                   f">= 1.3x){fits}."]
     table = "\n".join(lines) + "\n"
     (out / "e2e_kv.md").write_text(table)
-    plot(rows, out, gpu, steps)
+    plot_by_length(rows, [("exact_dense_total", "exact, dense"), ("exact_sparse_total", "exact, SparseD"),
+                          ("dual_dense_total", "dual cache, dense"), ("dual_sparse_total", "dual cache + SparseD")],
+                   out / "e2e_kv.png", f"seconds for {steps} steps (computed)",
+                   f"throughput mode at long context, LLaDA-8B shape, {gpu}", log=True, title_size=9)
     return table
 
-
-def plot(rows: list[dict], out: Path, gpu: str, steps: int) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ns = [r["N"] // 1024 for r in rows]
-    for key, label in (("exact_dense_total", "exact, dense"), ("exact_sparse_total", "exact, SparseD"),
-                       ("dual_dense_total", "dual cache, dense"), ("dual_sparse_total", "dual cache + SparseD")):
-        ax.plot(ns, [r[key] for r in rows], marker="o", label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("canvas length (k tokens)")
-    ax.set_ylabel(f"seconds for {steps} steps (computed)")
-    ax.set_title(f"throughput mode at long context, LLaDA-8B shape, {gpu}", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "e2e_kv.png", dpi=120)
