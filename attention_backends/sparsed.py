@@ -186,8 +186,9 @@ class SparseDBackend(AttentionBackend):
     # ---------------------------------------------------------------- per step
     def build_metadata(self, rows: list[RowSpec]) -> SparseDMetadata:
         uses_kv = check_kv_rows(self, rows)
-        out, groups, start = [], {}, 0
-        for i, spec in enumerate(rows):
+        starts = packed_starts(rows)
+        out, groups = [], {}
+        for i, (spec, start) in enumerate(zip(rows, starts)):
             if spec.computed is not None and spec.phase == SELECT:
                 raise ValueError(f"row {i}: phase {SELECT!r} on a cached step (computed={spec.computed}): "
                                  f"the pattern is selected only on a refresh step, over the whole canvas")
@@ -201,15 +202,13 @@ class SparseDBackend(AttentionBackend):
                 if spec.phase == SPARSE and spec.computed is None:
                     groups.setdefault((bs, spec.config.kernel), []).append(i)
             out.append(row)
-            start += spec.num_tokens
         meta = SparseDMetadata(out, [self._group([out[i] for i in members], *key)
                                      for key, members in groups.items()])
         if uses_kv:
-            self._plan_cache(rows, meta)
+            self._plan_cache(rows, starts, meta)
         return meta
 
-    def _plan_cache(self, rows: list[RowSpec], meta: SparseDMetadata) -> None:
-        starts = packed_starts(rows)
+    def _plan_cache(self, rows: list[RowSpec], starts: list[int], meta: SparseDMetadata) -> None:
         meta.kv_writes = KVWrites.of(rows, starts, self.kv_page_size, self.device)
         dense, sparse = [], {}
         for i, spec in enumerate(rows):
