@@ -90,6 +90,9 @@ def train(args, log=print) -> Path:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     source = Path(args.init_from) if args.init_from else DEFAULT_MODEL   # tokenizer (and weights if warm)
+    missing = [name for name in ("config.json", "tokenizer.json") if not (source / name).is_file()]
+    if args.init_from and missing:   # before the corpus is tokenized
+        raise FileNotFoundError(f"--init-from {args.init_from}: no {' or '.join(missing)} there (a checkpoint folder)")
     tok = Tokenizer.from_file(str(source / "tokenizer.json"))
     t_data = time.time()
     data = LongTrainingData(stdlib_tokens(tok), tok, args.retrieval_fraction, args.seed)

@@ -48,6 +48,8 @@ def test_bad_options_fail_before_any_thread_and_a_non_engine_is_refused(tmp_path
         AsyncLLM.from_engine_args(model=str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="engine=42"):
         AsyncLLM(42)
+    with pytest.raises(TypeError, match="returned 42, not an LLMEngine"):
+        AsyncLLM(lambda: 42)
 
 
 def test_an_engine_built_on_the_loop_thread_can_start_and_release_its_own_ray(tiny_llada_dir):

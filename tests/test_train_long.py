@@ -43,3 +43,6 @@ def test_warm_start_refuses_another_architecture(tmp_path):
         train_long_dlm.warm_start(model, DEFAULT_MODEL)
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         train_long_dlm.warm_start(model, tmp_path)
+    args = train_long_dlm.parser().parse_args(["--out", str(tmp_path / "m"), "--init-from", str(tmp_path / "none")])
+    with pytest.raises(FileNotFoundError, match=r"--init-from .*none: no config.json or tokenizer.json"):
+        train_long_dlm.train(args)

@@ -263,7 +263,10 @@ class AsyncLLM:
     # ---------------------------------------------------------------- the loop thread
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine], ready: threading.Event, failed: list) -> None:
         try:
-            self._attach(engine if isinstance(engine, LLMEngine) else engine())
+            built = engine if isinstance(engine, LLMEngine) else engine()
+            if not isinstance(built, LLMEngine):
+                raise TypeError(f"engine={engine!r} returned {built!r}, not an LLMEngine")
+            self._attach(built)
         except BaseException as e:  # noqa: BLE001 - raised in the constructing thread
             failed.append(e)
             return
