@@ -10,10 +10,10 @@ with (requests still being validated, or arriving less than `burst_gap_s` apart,
 `from_engine_args` builds the engine on the loop thread itself, so that all of the engine's torch
 work (loading, steps, and the executor's shutdown) runs in one thread. With OpenMP (torch's CPU threads), every thread that runs a
 parallel region keeps its own pool of worker threads, and once the pools together outnumber the cores,
-libgomp stops spinning and wakes its workers through the kernel in every region: measured on CPU, an
-engine loaded in the main thread and stepped in the loop thread took 1.6x as long per step as
-offline `LLM.generate` (12.7 s vs 7.8 s for one batch of 32 cached requests), and 8.2 s when the
-loop thread built it.
+libgomp stops spinning and wakes its workers through the kernel in every region: on CPU
+(benchmarks/serve.py, bundled model, one batch of 32 dual-cache requests; benchmarks/RESULTS.md) an
+engine loaded in the main thread and stepped in the loop thread spent 12.8 s in steps against
+offline `LLM.generate`'s 7.9 s, and 8.2 s when the loop thread built it.
 
 The loop thread does as little as it can besides steps: after each step it snapshots every stream's
 *committed contiguous prefix* (generated tokens before the first still-masked position) when it grew,
