@@ -153,9 +153,12 @@ async def engine_counters(http: httpx.AsyncClient) -> dict:
 
 def warmup_steps(args) -> int:
     """The fewest steps (a multiple of the blocks) whose schedule has a dense, a selection and a
-    sparse step: compiles every kernel of the measured batch's shapes without a whole run."""
+    sparse step, and with a KV cache two steps a block (a refresh and a cached step, whose paged
+    attention kernels are others): compiles every kernel of the measured batch's shapes without a
+    whole run. A kernel left out would be compiled inside the server's measured steps, while the
+    offline run after it finds it in Triton's disk cache."""
     blocks = args.max_tokens // args.block_length
-    steps = blocks
+    steps = blocks * (2 if args.kv_cache in ("prefix", "dual") else 1)
     while int(steps * SPARSE["skip"]) + 1 >= steps - 1:   # SparseD selects at int(steps * skip) + 1
         steps += blocks
     return steps

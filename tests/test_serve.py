@@ -424,7 +424,7 @@ def test_engine_step_seconds_metric(url, client):
 
 def test_serving_benchmark_request_fields():
     """benchmarks/serve.py sends kv_cache and the threshold policy only when asked, and warms up
-    with a schedule that has a selection and a sparse step."""
+    with a schedule that has a selection and a sparse step, and with a cache a cached step a block."""
     import argparse
 
     from benchmarks.serve import SPARSE, request_body, schedule_ratio, warmup_steps
@@ -438,9 +438,13 @@ def test_serving_benchmark_request_fields():
     body = request_body([1, 2], 0, argparse.Namespace(**{**base, "kv_cache": "dual", "threshold": 0.9}))
     assert body["kv_cache"] == "dual" and body["unmasking"] == "confidence_threshold" and body["threshold"] == 0.9
     for max_tokens in (32, 128):
-        args = argparse.Namespace(**{**base, "max_tokens": max_tokens})
-        steps = warmup_steps(args)
-        assert steps % (max_tokens // 32) == 0 and int(steps * SPARSE["skip"]) + 1 < steps - 1
+        for kv_cache in (None, "none", "prefix", "dual"):
+            args = argparse.Namespace(**{**base, "max_tokens": max_tokens, "kv_cache": kv_cache})
+            steps, blocks = warmup_steps(args), max_tokens // 32
+            assert steps % blocks == 0 and int(steps * SPARSE["skip"]) + 1 < steps - 1
+            if kv_cache in ("prefix", "dual"):   # every block has a cached step after its refresh
+                assert steps // blocks >= 2
+    assert warmup_steps(argparse.Namespace(**{**base, "max_tokens": 128, "kv_cache": "dual"})) == 8
 
 
 # ---------------------------------------------------------------- admission and failures
