@@ -266,7 +266,8 @@ def test_pool_full_waits_then_runs_and_too_big_is_refused(tiny_llada_dir):
         page_bytes = probe.llm_engine.scheduler.block_manager.kv.block_bytes
         assert _pages(probe, PROMPT, p.replace(cfg_scale=1.0)) == 2 * need   # a page table per row
         assert _pages(probe, PROMPT, p.replace(kv_cache="none")) == 0
-    with LLM(model=str(tiny_llada_dir), kv_cache="dual", kv_cache_bytes=need * page_bytes) as llm:
+    # the probe's dtype: a page's bytes depend on it (auto is bfloat16 on a GPU, half the probe's page)
+    with LLM(model=str(tiny_llada_dir), kv_cache="dual", kv_cache_bytes=need * page_bytes, dtype="float32") as llm:
         eng = llm.llm_engine
         assert eng.get_stats()["kv_pool"]["kv_allocated_bytes"] == need * page_bytes
         second_waits_then_both_finish(eng, PROMPT, p)
