@@ -2,7 +2,6 @@
 and every error one `error:` line with exit status 2 (checked through a real subprocess)."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from sparsed_engine.entrypoints.arg_utils import (add_engine_args, add_sampling_
                                                   engine_kwargs_from_args, sampling_flag, sampling_kwargs_from_args)
 from sparsed_engine.entrypoints.cli import build_parser, main as cli_main
 from sparsed_engine.sampling_params import SamplingParams
+from tests.child_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,7 @@ def test_help_comes_from_field_docs():
 
 
 def _run(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "sparsed_engine.entrypoints.cli", *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 

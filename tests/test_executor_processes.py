@@ -20,6 +20,7 @@ import torch
 from sparsed_engine import LLM
 from sparsed_engine.executor.base import ExecutorDeadError
 from sparsed_engine.executor.worker_call import to_cpu
+from tests.child_env import child_env
 from tests.tiny_checkpoints import write_tiny_llada
 
 try:
@@ -27,7 +28,6 @@ try:
 except ImportError:
     ray = None
 needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- the contract
@@ -182,7 +182,7 @@ def test_a_killed_driver_leaves_no_ray_process(tiny_llada_dir):
             print("READY", flush=True)
             import time; time.sleep(300)
     """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=temp_root)
+    env = child_env(TMPDIR=temp_root)
     proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, env=env,
                             start_new_session=True)
     ours = {}
@@ -212,7 +212,7 @@ def test_mp_script_without_main_guard_is_told_what_to_do(tmp_path, tiny_llada_di
         llm = LLM(device="cpu", model={str(tiny_llada_dir)!r}, sequence_parallel_size=2, distributed_executor_backend="mp")
         print("GENERATED", llm.generate([[5, 6, 7]], use_tqdm=False)[0].finished)
     """))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env()
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0 and "GENERATED" not in done.stdout
     last = done.stderr.strip().splitlines()[-1]

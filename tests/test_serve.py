@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sparsed_engine import LLM, SamplingParams
 from sparsed_engine.engine.async_llm import AsyncLLM, EngineDeadError
 from sparsed_engine.entrypoints.openai.api_server import build_app
+from tests.child_env import child_env
 
 KEY = "secret"
 MODEL = "tiny-dlm"
@@ -451,16 +451,22 @@ def test_serving_benchmark_request_fields():
 def test_max_waiting_is_503(tiny_llada_dir):
     llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), max_num_seqs=1, max_model_len=4096, max_waiting=1)
     long_body = {"model": MODEL, "prompt": "x", "max_tokens": 2048, "steps": 2048, "stream": True}
+    gate = threading.Event()
 
     async def run(base):
         async with httpx.AsyncClient(base_url=base, timeout=60) as http:
             async with http.stream("POST", "/v1/completions", json=long_body) as running:
                 assert running.status_code == 200
                 await asyncio.to_thread(wait_for, lambda: llm.stats["num_running"] == 1, "one running request")
+                # hold the loop at a step boundary, so that on a fast GPU the running request cannot
+                # finish (and let the waiting one in) before the third arrives
+                held = asyncio.ensure_future(llm.run_in_loop(lambda engine: gate.wait(60)))
                 async with http.stream("POST", "/v1/completions", json=long_body) as waiting:
                     assert waiting.status_code == 200
                     await asyncio.to_thread(wait_for, lambda: llm.num_waiting() == 1, "one waiting request")
                     r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 8})
+                    gate.set()
+                    assert await held
                     assert r.status_code == 503, r.text
                     assert "max_waiting=1" in r.json()["error"]["message"]
 
@@ -472,8 +478,8 @@ def test_max_waiting_is_503(tiny_llada_dir):
 
 
 def test_killed_worker_makes_health_503(tiny_llada_dir):
-    llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), sequence_parallel_size=2,
-                                    distributed_executor_backend="mp")
+    llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), device="cpu", sequence_parallel_size=2,
+                                    distributed_executor_backend="mp")   # two CPU ranks on any machine
     with serve(llm, api_key=None) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
         assert httpx.get(f"{base}/health").status_code == 200
@@ -497,8 +503,8 @@ def test_killed_worker_makes_health_503(tiny_llada_dir):
 
 def test_worker_killed_while_idle_makes_health_503(tiny_llada_dir):
     """/health asks the workers: no request needs to run for a dead one to be noticed."""
-    llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), sequence_parallel_size=2,
-                                    distributed_executor_backend="mp")
+    llm = AsyncLLM.from_engine_args(model=str(tiny_llada_dir), device="cpu", sequence_parallel_size=2,
+                                    distributed_executor_backend="mp")   # two CPU ranks on any machine
     with serve(llm, api_key=None) as base:
         assert httpx.get(f"{base}/health").status_code == 200
         rank0 = [p for p in multiprocessing.active_children() if p.name == "sparsed-rank-0"]
@@ -510,7 +516,7 @@ def test_worker_killed_while_idle_makes_health_503(tiny_llada_dir):
 
 # ---------------------------------------------------------------- the command line
 def test_cli_serve_key_from_env_and_clean_sigterm(tiny_llada_dir):
-    env = {**os.environ, "SPARSED_API_KEY": KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = child_env(SPARSED_API_KEY=KEY)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sparsed_engine.entrypoints.cli", "serve", "--model", str(tiny_llada_dir),
          "--port", "0", "--served-model-name", MODEL, "--uvicorn-log-level", "warning"],

@@ -9,6 +9,18 @@ from sparsed_engine import LLM, SamplingParams
 from tests.reference_generate import raw_logits
 
 
+# float32 engines (conftest's are dtype auto: bfloat16 on a GPU), so that comparing the engine's
+# batched steps with the restatement's one-row forward does not hinge on bf16 near-ties
+@pytest.fixture(scope="module")
+def llada(tiny_llada_dir):
+    return LLM(model=str(tiny_llada_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def dream(tiny_dream_dir):
+    return LLM(model=str(tiny_dream_dir), dtype="float32")
+
+
 def _ids(llm, text):
     return llm.get_tokenizer().encode(text)
 
@@ -54,12 +66,14 @@ def threshold_generate(llm, prompt, gen_length, block_length, steps, threshold):
 
 
 def _first_step_median(llm, prompt, gen_length, block_length):
-    """A threshold some but not all of the first block's positions reach at its first step."""
+    """A threshold about half of the first block's positions reach at its first step: halfway
+    between the two middle confidences, so that no position sits on it."""
     mask_id = llm.llm_engine.info.mask_token_id
     x = torch.tensor(list(prompt) + [mask_id] * gen_length)
     P = len(prompt)
-    conf = F.softmax(_logits(llm, x)[P:P + block_length], dim=-1).max(dim=-1).values
-    return float(conf.median())
+    conf = F.softmax(_logits(llm, x)[P:P + block_length], dim=-1).max(dim=-1).values.sort().values
+    mid = len(conf) // 2
+    return float(conf[mid - 1] + conf[mid]) / 2
 
 
 def _params(threshold, **kw):
@@ -141,7 +155,7 @@ def test_sparsed_counts_steps_taken(tiny_llada_dir, llada):
     """SparseD's schedule runs over the steps taken (selection at int(steps*skip)+1 = step 5 here):
     a request that ends in 2 steps never selects (it equals dense attention), one taking one token
     a step selects at step 5 as low_confidence does; the pattern pool is empty afterwards."""
-    llm = LLM(model=str(tiny_llada_dir), attention_backend="sparsed",
+    llm = LLM(model=str(tiny_llada_dir), attention_backend="sparsed", dtype="float32",   # llada's dtype
               attention_config={"skip": 0.25, "select": 0.2, "block_size": 16})
     prompt = _ids(llm, "The quick brown fox jumps over the lazy dog. " * 4)
     kw = dict(max_tokens=16, block_length=8, steps=16)
@@ -188,8 +202,8 @@ def test_cli_and_server_fields(tiny_llada_dir, llada, capsys):
     assert body.sampling_params() == _params(0.2, max_tokens=8)
     with pytest.raises(ValueError, match=r"SamplingParams.threshold=None"):
         CompletionRequest(prompt="Hello", unmasking="confidence_threshold").sampling_params()
-    cli_main(["generate", "--model", str(tiny_llada_dir), "--prompt", "Hello", "--max-tokens", "8",
-              "--unmasking", "confidence_threshold", "--threshold", "0.2"])
+    cli_main(["generate", "--model", str(tiny_llada_dir), "--dtype", "float32", "--prompt", "Hello",
+              "--max-tokens", "8", "--unmasking", "confidence_threshold", "--threshold", "0.2"])
     expect = llada.generate(["Hello"], _params(0.2, max_tokens=8), use_tqdm=False)[0].outputs[0].text
     assert expect and expect in capsys.readouterr().out
 
