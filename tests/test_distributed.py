@@ -55,7 +55,8 @@ def test_token_shards_cover_the_batch_once():
 
 def test_bad_parallel_settings_fail_before_work(tiny_llada_dir):
     with pytest.raises(ValueError, match="sequence_parallel_size=3 must divide the model's 4 attention heads"):
-        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=3)
+        # mp: the default backend here is Ray, which a machine may lack (its own error would come first)
+        LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=3, distributed_executor_backend="mp")
     with pytest.raises(ValueError, match="distributed_executor_backend='uni'.*needs 'ray'"):
         LLM(device="cpu", model=str(tiny_llada_dir), sequence_parallel_size=2, distributed_executor_backend="uni")
     with pytest.raises(ValueError, match="sequence_parallel_size=0"):
